@@ -1,0 +1,401 @@
+"""AsyMoE configuration: a LLaVA-style vision-language model whose decoder FFNs become asymmetric MoE blocks.
+
+This file is part of the Hub bundle: it imports only the standard library and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoConfig, PreTrainedConfig
+
+MOE_VARIANTS = ("dense", "vanilla", "modality", "asymoe")
+MANIFOLDS = ("poincare", "lorentz")
+
+# Default expert counts per group for each variant: (vision-intra, text-intra, inter, evidence).
+_VARIANT_DEFAULT_EXPERTS = {
+    "dense": (0, 0, 0, 0),
+    "vanilla": (0, 0, 4, 0),
+    "modality": (2, 2, 0, 0),
+    "asymoe": (1, 1, 2, 1),
+}
+
+# Hub bundle: the flat remote-code files and the classes each Auto class resolves to.
+AUTO_MAP = {
+    "AutoConfig": "configuration_asymoe.AsyMoEConfig",
+    "AutoModel": "modeling_asymoe.AsyMoEForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_asymoe.AsyMoEForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_asymoe.AsyMoEForConditionalGeneration",
+    "AutoProcessor": "processing_asymoe.AsyMoEProcessor",
+}
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where each expert group sits in one MoE layer's fused expert tensors (order: vision, text, inter, evidence)."""
+
+    num_vision: int
+    num_text: int
+    num_inter: int
+    num_evidence: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_vision + self.num_text + self.num_inter + self.num_evidence
+
+    def group_slices(self) -> dict[str, slice]:
+        """Expert-index ranges of the non-empty groups, in storage order."""
+        slices, start = {}, 0
+        for name, count in (
+            ("vision", self.num_vision),
+            ("text", self.num_text),
+            ("inter", self.num_inter),
+            ("evidence", self.num_evidence),
+        ):
+            if count:
+                slices[name] = slice(start, start + count)
+            start += count
+        return slices
+
+    @property
+    def num_image_reachable(self) -> int:
+        return self.num_vision + self.num_inter
+
+    @property
+    def num_text_reachable(self) -> int:
+        return self.num_text + self.num_inter + self.num_evidence
+
+
+class AsyMoETextConfig(PreTrainedConfig):
+    r"""Configuration of the AsyMoE decoder: a Llama-family transformer whose FFNs in `moe_layers` are MoE blocks.
+
+    Architecture flags cover Llama/Vicuna (defaults), Mistral (`sliding_window`), Qwen2/2.5 (`qkv_bias=True`),
+    Qwen3 (`use_qk_norm=True`, `head_dim`) and tied embeddings. RoPE scaling goes through `rope_parameters`
+    (transformers' rope utilities).
+
+    MoE fields:
+        moe_variant (`str`): `"dense"` (no MoE), `"vanilla"` (one expert pool shared by all tokens), `"modality"`
+            (vision experts for image tokens, text experts for text tokens) or `"asymoe"` (intra-modality,
+            hyperbolic inter-modality and evidence-priority language experts).
+        moe_layers (`list[int]`, *optional*): decoder layers whose FFN is an MoE block; default every other layer
+            (1, 3, 5, ...). Ignored (empty) for `"dense"`.
+        evidence_layers (`list[int]`, *optional*): MoE layers that hold evidence-priority experts; default the MoE
+            layers in the deeper half of the stack.
+        num_vision_experts / num_text_experts / num_inter_experts / num_evidence_experts (`int`, *optional*):
+            experts per group; `None` takes the variant's default.
+        num_experts_per_tok (`int`): experts each token activates (top-k over its reachable experts).
+        moe_intermediate_size (`int`, *optional*): expert FFN width; default `intermediate_size`.
+        hyperbolic_inter (`bool`, *optional*): Möbius (hyperbolic) inter-modality experts; `False` makes them
+            Euclidean. Default `True` for `"asymoe"`; only valid there.
+        evidence_experts (`bool`, *optional*): evidence-priority experts on/off. Default `True` for `"asymoe"`.
+        manifold (`str`): `"poincare"` or `"lorentz"`.
+        curvature (`float`): initial curvature c of the manifold (learned as softplus(ĉ) if `learn_curvature`).
+        hyperbolic_scale (`float`, *optional*): initial tangent scale s of each Möbius map; default √(map width).
+        mobius_residual (`bool`): use the residual form of the Möbius bias (exactly Euclidean at zero bias, keeps
+            magnitudes beyond the clamp radius; see `hyperbolic_asymoe.mobius_bias`); `False` = textbook map.
+        output_router_logits (`bool`): return router logits and add the auxiliary losses to the loss.
+        router_aux_loss_coef (`float`): weight of the per-modality Switch load-balancing loss.
+        router_z_loss_coef (`float`): weight of the router z-loss.
+    """
+
+    model_type = "asymoe_text"
+    base_config_key = "text_config"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 4096,
+        intermediate_size: int = 11008,
+        num_hidden_layers: int = 32,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 4096,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | list[int] | None = 2,
+        tie_word_embeddings: bool = False,
+        rope_parameters: dict | None = None,
+        attention_bias: bool = False,
+        qkv_bias: bool = False,
+        use_qk_norm: bool = False,
+        sliding_window: int | None = None,
+        attention_dropout: float = 0.0,
+        moe_variant: str = "asymoe",
+        moe_layers: list[int] | None = None,
+        evidence_layers: list[int] | None = None,
+        num_vision_experts: int | None = None,
+        num_text_experts: int | None = None,
+        num_inter_experts: int | None = None,
+        num_evidence_experts: int | None = None,
+        num_experts_per_tok: int = 2,
+        moe_intermediate_size: int | None = None,
+        hyperbolic_inter: bool | None = None,
+        evidence_experts: bool | None = None,
+        manifold: str = "poincare",
+        curvature: float = 1.0,
+        learn_curvature: bool = True,
+        hyperbolic_scale: float | None = None,
+        mobius_residual: bool = True,
+        output_router_logits: bool = False,
+        router_aux_loss_coef: float = 0.001,
+        router_z_loss_coef: float = 0.0,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
+        self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.rope_parameters = rope_parameters
+        self.attention_bias = attention_bias
+        self.qkv_bias = qkv_bias
+        self.use_qk_norm = use_qk_norm
+        self.sliding_window = sliding_window
+        self.attention_dropout = attention_dropout
+
+        if moe_variant not in MOE_VARIANTS:
+            raise ValueError(f"moe_variant={moe_variant!r} is not one of {MOE_VARIANTS}.")
+        self.moe_variant = moe_variant
+        is_asymoe = moe_variant == "asymoe"
+        for name, value in (("hyperbolic_inter", hyperbolic_inter), ("evidence_experts", evidence_experts)):
+            if value and not is_asymoe:
+                raise ValueError(
+                    f"{name}=True needs moe_variant='asymoe' (got {moe_variant!r}); it is an AsyMoE expert group."
+                )
+        self.hyperbolic_inter = is_asymoe if hyperbolic_inter is None else hyperbolic_inter
+        self.evidence_experts = is_asymoe if evidence_experts is None else evidence_experts
+
+        defaults = _VARIANT_DEFAULT_EXPERTS[moe_variant]
+        given = (num_vision_experts, num_text_experts, num_inter_experts, num_evidence_experts)
+        counts = [d if g is None else g for d, g in zip(defaults, given)]
+        if not self.evidence_experts:
+            counts[3] = 0 if num_evidence_experts is None else counts[3]
+        (self.num_vision_experts, self.num_text_experts, self.num_inter_experts, self.num_evidence_experts) = counts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size if moe_intermediate_size is not None else intermediate_size
+
+        if moe_variant == "dense":
+            self.moe_layers = []
+        elif moe_layers is None:
+            self.moe_layers = list(range(1, num_hidden_layers, 2))
+        else:
+            self.moe_layers = sorted(int(i) for i in moe_layers)
+        if not self.evidence_experts:
+            self.evidence_layers = []
+        elif evidence_layers is None:
+            self.evidence_layers = [i for i in self.moe_layers if i >= num_hidden_layers // 2]
+        else:
+            self.evidence_layers = sorted(int(i) for i in evidence_layers)
+
+        self.manifold = manifold
+        self.curvature = curvature
+        self.learn_curvature = learn_curvature
+        self.hyperbolic_scale = hyperbolic_scale
+        self.mobius_residual = mobius_residual
+        self.output_router_logits = output_router_logits
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.router_z_loss_coef = router_z_loss_coef
+
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        self.validate_moe()
+
+    def validate_moe(self) -> None:
+        """Raise a `ValueError` that names the fix for any inconsistent MoE setting."""
+        layers = range(self.num_hidden_layers)
+        bad = [i for i in self.moe_layers if i not in layers]
+        if bad:
+            raise ValueError(f"moe_layers {bad} are outside the decoder's layers 0..{self.num_hidden_layers - 1}.")
+        bad = [i for i in self.evidence_layers if i not in self.moe_layers]
+        if bad:
+            raise ValueError(f"evidence_layers {bad} are not MoE layers; choose them from moe_layers={self.moe_layers}.")
+        if self.manifold not in MANIFOLDS:
+            raise ValueError(f"manifold={self.manifold!r} is not one of {MANIFOLDS}.")
+        if self.curvature <= 0:
+            raise ValueError(f"curvature must be > 0 (got {self.curvature}).")
+        if self.num_experts_per_tok < 1:
+            raise ValueError(f"num_experts_per_tok must be >= 1 (got {self.num_experts_per_tok}).")
+        counts = (self.num_vision_experts, self.num_text_experts, self.num_inter_experts, self.num_evidence_experts)
+        if min(counts) < 0:
+            raise ValueError(f"expert counts must be >= 0 (got vision/text/inter/evidence = {counts}).")
+        variant = self.moe_variant
+        if variant == "vanilla" and (self.num_vision_experts or self.num_text_experts or self.num_evidence_experts):
+            raise ValueError(
+                "moe_variant='vanilla' has one shared expert pool: set num_inter_experts and leave the vision, text "
+                "and evidence groups at 0 (use moe_variant='modality' or 'asymoe' for modality groups)."
+            )
+        if variant == "modality" and (self.num_inter_experts or self.num_evidence_experts):
+            raise ValueError(
+                "moe_variant='modality' has only vision and text experts: set num_inter_experts=0 and "
+                "num_evidence_experts=0 (use moe_variant='asymoe' for inter-modality and evidence experts)."
+            )
+        if self.evidence_experts and self.evidence_layers and self.num_evidence_experts < 1:
+            raise ValueError("evidence_experts=True needs num_evidence_experts >= 1 (or set evidence_experts=False).")
+        if self.hyperbolic_inter and self.num_inter_experts < 1:
+            raise ValueError("hyperbolic_inter=True needs num_inter_experts >= 1 (or set hyperbolic_inter=False).")
+        k = self.num_experts_per_tok
+        for layer in self.moe_layers:
+            layout = self.expert_layout(layer)
+            for modality, reachable in (("image", layout.num_image_reachable), ("text", layout.num_text_reachable)):
+                if reachable < k:
+                    raise ValueError(
+                        f"num_experts_per_tok={k} is larger than the {reachable} experts {modality} tokens can reach "
+                        f"in MoE layer {layer} ({layout}); lower num_experts_per_tok or add experts to the groups "
+                        f"{modality} tokens reach."
+                    )
+
+    def expert_layout(self, layer_idx: int) -> ExpertLayout | None:
+        """The expert groups of decoder layer `layer_idx`, or `None` if its FFN is dense."""
+        if layer_idx not in self.moe_layers:
+            return None
+        return ExpertLayout(
+            num_vision=self.num_vision_experts,
+            num_text=self.num_text_experts,
+            num_inter=self.num_inter_experts,
+            num_evidence=self.num_evidence_experts if layer_idx in self.evidence_layers else 0,
+        )
+
+
+class AsyMoEConfig(PreTrainedConfig):
+    r"""Configuration of [`AsyMoEForConditionalGeneration`]: vision tower + LLaVA projector + AsyMoE decoder.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`, *optional*): any transformers vision-model config (CLIP,
+            SigLIP, ...); default a CLIP ViT-L/14-336 vision tower.
+        text_config (`dict` or [`AsyMoETextConfig`], *optional*): the decoder and its MoE settings.
+        image_token_id (`int`): id of the `<image>` placeholder token.
+        projector_hidden_act (`str`): activation of the two-layer projector.
+        vision_feature_select_strategy (`str`): `"default"` drops the vision tower's CLS token, `"full"` keeps all.
+        vision_feature_layer (`int` or `list[int]`): hidden-state layer(s) of the vision tower fed to the projector.
+        multimodal_projector_bias (`bool`): projector linear layers have biases.
+        upcycling (`dict`, *optional*): manifest written when the model was upcycled from a dense checkpoint.
+    """
+
+    model_type = "asymoe"
+    sub_configs = {"text_config": AsyMoETextConfig, "vision_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config: dict | PreTrainedConfig | None = None,
+        text_config: dict | AsyMoETextConfig | None = None,
+        image_token_id: int = 32000,
+        projector_hidden_act: str = "gelu",
+        vision_feature_select_strategy: str = "default",
+        vision_feature_layer: int | list[int] = -2,
+        multimodal_projector_bias: bool = True,
+        upcycling: dict | None = None,
+        tie_word_embeddings: bool | None = None,
+        **kwargs,
+    ):
+        if isinstance(vision_config, dict):
+            vision_config = dict(vision_config)
+            model_type = vision_config.pop("model_type", "clip_vision_model")
+            vision_config = AutoConfig.for_model(model_type, **vision_config)
+        elif vision_config is None:
+            vision_config = AutoConfig.for_model(
+                "clip_vision_model",
+                hidden_size=1024,
+                intermediate_size=4096,
+                patch_size=14,
+                image_size=336,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                projection_dim=768,
+            )
+        if isinstance(text_config, dict):
+            text_config = AsyMoETextConfig(**{k: v for k, v in text_config.items() if k != "model_type"})
+        elif text_config is None:
+            text_config = AsyMoETextConfig()
+        if vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(
+                f"vision_feature_select_strategy={vision_feature_select_strategy!r} must be 'default' (drop the CLS "
+                "token) or 'full'."
+            )
+        self.vision_config = vision_config
+        self.text_config = text_config
+        self.image_token_id = image_token_id
+        self.projector_hidden_act = projector_hidden_act
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.vision_feature_layer = vision_feature_layer
+        self.multimodal_projector_bias = multimodal_projector_bias
+        self.upcycling = upcycling
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        if tie_word_embeddings is None:
+            tie_word_embeddings = text_config.tie_word_embeddings
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image features one image contributes (= `<image>` placeholders after expansion)."""
+        vision = self.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        has_cls = vision.model_type in ("clip_vision_model", "clip")
+        # Same count as transformers' LLaVA: "default" drops the first token whether or not it is a CLS token.
+        return patches + int(has_cls) - int(self.vision_feature_select_strategy == "default")
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save `config.json` plus the flat remote-code file that `trust_remote_code=True` loads."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(save_directory, __file__)
+
+
+def write_remote_code(save_directory: str | os.PathLike, module_file: str) -> list[Path]:
+    """Write `module_file` and, recursively, the project files it imports as flat remote-code siblings.
+
+    Inside the project, bundle files import each other as `from ..package.module_name import X`; the Hub loader only
+    follows `from .module_name import X`, so those imports are rewritten. Files are written atomically.
+    """
+    written, pending, seen = [], [Path(module_file)], set()
+    while pending:
+        source = pending.pop()
+        if source.name in seen:
+            continue
+        seen.add(source.name)
+        text = source.read_text(encoding="utf-8")
+        flat = re.sub(r"^(\s*)from \.\.?(?:\w+\.)?(\w+) import", r"\1from .\2 import", text, flags=re.MULTILINE)
+        for imported in re.findall(r"^\s*from \.(\w+) import", flat, flags=re.MULTILINE):
+            pending.append(_find_sibling(source, imported, text))
+        target = Path(save_directory) / source.name
+        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=f".{source.name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(flat)
+        os.replace(tmp, target)
+        written.append(target)
+    return written
+
+
+def _find_sibling(source: Path, module_name: str, text: str) -> Path:
+    """Locate the file of `module_name` imported by `source`: a flat sibling, or a sibling package's module."""
+    match = re.search(rf"^\s*from \.\.(\w+)\.{module_name} import", text, flags=re.MULTILINE)
+    if match and __package__ and "." in __package__:
+        package = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.{match.group(1)}")
+        return Path(package.__file__).parent / f"{module_name}.py"
+    return source.parent / f"{module_name}.py"
+
+
+__all__ = ["AsyMoEConfig", "AsyMoETextConfig", "ExpertLayout", "write_remote_code"]

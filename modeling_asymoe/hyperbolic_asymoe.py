@@ -1,0 +1,131 @@
+"""Hyperbolic maps for AsyMoE's inter-modality experts (Poincaré ball and Lorentz hyperboloid, curvature -c).
+
+All maps run in fp32 whatever the input dtype (bf16 maps overflow from a tangent norm of about 5) and clamp the
+geodesic radius, so they return finite values for any finite input. This file is part of the Hub bundle: it
+imports only torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Largest geodesic radius sqrt(c)*|v| kept by the maps. Poincaré: tanh saturates in fp32 beyond ~9, and the ball is
+# clamped to radius (1 - BALL_EPS)/sqrt(c), i.e. artanh caps at ~6.1. Lorentz: sinh stays exact far beyond that.
+POINCARE_MAX_RADIUS = 15.0
+LORENTZ_MAX_RADIUS = 20.0
+BALL_EPS = 1e-5
+_MIN_NORM = 1e-7
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm over the last dim, clamped away from 0 so that its gradient stays finite."""
+    return (x * x).sum(-1, keepdim=True).clamp_min(_MIN_NORM**2).sqrt()
+
+
+def poincare_expmap0(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Exponential map at the origin of the Poincaré ball: tangent vector -> point of the ball."""
+    sqrt_c = c.sqrt()
+    norm = _norm(v)
+    radius = (sqrt_c * norm).clamp_max(POINCARE_MAX_RADIUS)
+    return poincare_project(torch.tanh(radius) * v / (sqrt_c * norm), c)
+
+
+def poincare_logmap0(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Logarithmic map at the origin of the Poincaré ball: point of the ball -> tangent vector."""
+    sqrt_c = c.sqrt()
+    norm = _norm(y)
+    scaled = (sqrt_c * norm).clamp_max(1.0 - BALL_EPS)
+    return torch.atanh(scaled) * y / (sqrt_c * norm)
+
+
+def poincare_project(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Pull points back inside the ball of radius (1 - BALL_EPS)/sqrt(c)."""
+    max_norm = (1.0 - BALL_EPS) / c.sqrt()
+    norm = _norm(x)
+    return torch.where(norm > max_norm, x * (max_norm / norm), x)
+
+
+def mobius_add(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Möbius addition x ⊕_c y on the Poincaré ball."""
+    xy = (x * y).sum(-1, keepdim=True)
+    x2 = (x * x).sum(-1, keepdim=True)
+    y2 = (y * y).sum(-1, keepdim=True)
+    numerator = (1 + 2 * c * xy + c * y2) * x + (1 - c * x2) * y
+    denominator = (1 + 2 * c * xy + c * c * x2 * y2).clamp_min(_MIN_NORM)
+    return poincare_project(numerator / denominator, c)
+
+
+def lorentz_expmap0(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Exponential map at the origin of the hyperboloid, returned as the spatial part of sqrt(c)·x (unit sheet)."""
+    norm = _norm(v)
+    radius = (c.sqrt() * norm).clamp_max(LORENTZ_MAX_RADIUS)
+    return torch.sinh(radius) * v / norm
+
+
+def lorentz_logmap0(xs: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Inverse of `lorentz_expmap0`: spatial part of a point on the unit sheet -> tangent vector at the origin."""
+    norm = _norm(xs)
+    return torch.asinh(norm) * xs / (c.sqrt() * norm)
+
+
+def lorentz_boost(xs: torch.Tensor, bs: torch.Tensor) -> torch.Tensor:
+    """Lorentz boost (hyperbolic translation) of points `xs` by the one taking the origin to `bs` (spatial parts)."""
+    x0 = (1 + (xs * xs).sum(-1, keepdim=True)).sqrt()
+    b0 = (1 + (bs * bs).sum(-1, keepdim=True)).sqrt()
+    return xs + (x0 + (bs * xs).sum(-1, keepdim=True) / (1 + b0)) * bs
+
+
+def mobius_translate(u: torch.Tensor, beta: torch.Tensor, c: torch.Tensor, manifold: str) -> torch.Tensor:
+    """Tangent vector of the hyperbolic translation of exp0(u) by exp0(beta): log0(exp0(u) ⊕ exp0(beta))."""
+    if manifold == "poincare":
+        return poincare_logmap0(mobius_add(poincare_expmap0(u, c), poincare_expmap0(beta, c), c), c)
+    if manifold == "lorentz":
+        return lorentz_logmap0(lorentz_boost(lorentz_expmap0(u, c), lorentz_expmap0(beta, c)), c)
+    raise ValueError(f"unknown manifold {manifold!r}; use 'poincare' or 'lorentz'")
+
+
+def round_trip(u: torch.Tensor, c: torch.Tensor, manifold: str) -> torch.Tensor:
+    """log0(exp0(u)): equals u below the clamp radius, saturates beyond it."""
+    if manifold == "poincare":
+        return poincare_logmap0(poincare_expmap0(u, c), c)
+    return lorentz_logmap0(lorentz_expmap0(u, c), c)
+
+
+def mobius_bias(
+    u: torch.Tensor,
+    beta: torch.Tensor,
+    scale: torch.Tensor,
+    c: torch.Tensor,
+    manifold: str,
+    residual: bool = True,
+) -> torch.Tensor:
+    """Output of a Möbius linear map given its Euclidean part u = W v and Möbius bias `beta`.
+
+    `residual=False` is the textbook map s·log0(exp0(u/s) ⊕ exp0(beta)). `residual=True` returns
+    u + s·[log0(exp0(u/s) ⊕ exp0(beta)) - log0(exp0(u/s))]: the same value wherever the round trip is exact
+    (geodesic radius below the clamp), exactly u at beta = 0 (function-preserving upcycling), and it keeps the
+    Euclidean magnitude of u where the textbook map saturates. Computed in fp32, returned in u's dtype.
+    """
+    dtype = u.dtype
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        uf, bf = u.float() / scale.float(), beta.float()
+        cf = c.float()
+        moved = mobius_translate(uf, bf, cf, manifold)
+        if residual:
+            out = u.float() + scale.float() * (moved - round_trip(uf, cf, manifold))
+        else:
+            out = scale.float() * moved
+    return out.to(dtype)
+
+
+__all__ = [
+    "lorentz_boost",
+    "lorentz_expmap0",
+    "lorentz_logmap0",
+    "mobius_add",
+    "mobius_bias",
+    "mobius_translate",
+    "poincare_expmap0",
+    "poincare_logmap0",
+    "round_trip",
+]

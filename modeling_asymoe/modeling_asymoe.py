@@ -1,0 +1,907 @@
+"""AsyMoE: a LLaVA-style vision-language model whose decoder FFNs are asymmetric mixture-of-experts blocks.
+
+Per MoE layer one fp32 router scores all experts; a token reaches only its modality's groups:
+image tokens -> {vision-intra, inter}; text tokens -> {text-intra, inter, evidence}. Top-k, renormalised, dropless.
+All experts of a layer live in one fused pair of 3-D weights (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`,
+groups stored in the order vision, text, inter, evidence). Inter-modality experts add Möbius biases after each of
+their two projections (hyperbolic_asymoe.py); evidence-priority experts read `h + g * W_o r`, where r attends over
+the evidence (image) positions of the layer's own keys/values.
+
+This file is part of the Hub bundle: it imports only torch, transformers and its bundle siblings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations.moe import ExpertsInterface, _grouped_linear, use_experts_implementation
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from ..configuration.configuration_asymoe import AsyMoEConfig, AsyMoETextConfig, ExpertLayout, write_remote_code
+from .hyperbolic_asymoe import mobius_bias
+
+
+class AsyMoERMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+class AsyMoERotaryEmbedding(nn.Module):
+    """RoPE with every scaling type transformers knows (`config.rope_parameters["rope_type"]`)."""
+
+    def __init__(self, config: AsyMoETextConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: AsyMoETextConfig, *args, **kwargs) -> tuple[torch.Tensor, float]:
+        dim = config.head_dim
+        base = config.rope_parameters["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            freqs = position_ids[..., None].float() * self.inv_freq.float().to(x.device)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` [batch, heads, seq, head_dim] by the RoPE angles `cos`/`sin` [batch, seq, head_dim]."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[batch, kv_heads, seq, dim] -> [batch, kv_heads * n_rep, seq, dim] (grouped-query attention)."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, seq, dim = hidden_states.shape
+    return hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq, dim).reshape(batch, kv_heads * n_rep, seq, dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class AsyMoEAttention(nn.Module):
+    """Llama attention with the Qwen2 qkv bias, Qwen3 qk-norm and Mistral sliding-window flags.
+
+    Returns the layer's full keys/values (cache included) as well, for the evidence-priority experts.
+    """
+
+    def __init__(self, config: AsyMoETextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        qkv_bias = config.attention_bias or config.qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
+        )
+        if config.use_qk_norm:
+            self.q_norm = AsyMoERMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = AsyMoERMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.sliding_window = config.sliding_window
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        key = self.k_proj(hidden_states).view(hidden_shape)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if self.config.use_qk_norm:
+            query, key = self.q_norm(query), self.k_norm(key)
+        cos, sin = position_embeddings
+        query, key = apply_rotary(query.transpose(1, 2), cos, sin), apply_rotary(key.transpose(1, 2), cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        output = self.o_proj(output.reshape(*input_shape, -1).contiguous())
+        return output, weights, (key, value)
+
+
+class AsyMoEMLP(nn.Module):
+    """Dense SwiGLU FFN (the decoder's non-MoE layers, and the `dense` variant)."""
+
+    def __init__(self, config: AsyMoETextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class AsyMoERouter(nn.Module):
+    """fp32 router over all experts of a layer with a per-token reachability mask (softmax → top-k → renormalise)."""
+
+    def __init__(self, config: AsyMoETextConfig, layout: ExpertLayout):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = layout.num_experts
+        self.weight = nn.Parameter(torch.zeros(layout.num_experts, config.hidden_size, dtype=torch.float32))
+
+    def forward(
+        self, hidden_states: torch.Tensor, reachable: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states [N, H], reachable [N, E] bool -> router logits [N, E] (fp32), top-k weights, top-k ids."""
+        logits = F.linear(hidden_states.float(), self.weight.float())
+        probs = F.softmax(logits.masked_fill(~reachable, float("-inf")), dim=-1)
+        top_weights, top_index = torch.topk(probs, self.top_k, dim=-1)
+        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        return logits, top_weights, top_index
+
+
+class AsyMoEExpertsMixin:
+    """Pieces every experts implementation shares: per-row inputs and the hyperbolic maps of the inter group."""
+
+    def expert_inputs(
+        self, hidden_states: torch.Tensor, evidence_states: torch.Tensor | None, token_idx: torch.Tensor,
+        expert_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rows fed to the experts: evidence experts read the evidence-augmented state, the others the hidden state."""
+        rows = hidden_states[token_idx]
+        if evidence_states is None or self.layout.num_evidence == 0:
+            return rows
+        is_evidence = (expert_ids >= self.evidence_start).unsqueeze(-1)
+        return torch.where(is_evidence, evidence_states[token_idx].to(rows.dtype), rows)
+
+    def hyperbolic(self, out: torch.Tensor, expert_ids: torch.Tensor, which: str) -> torch.Tensor:
+        """Apply the Möbius bias of projection `which` ("gate_up" or "down") to the rows of inter experts."""
+        if not self.is_hyperbolic:
+            return out
+        relative = expert_ids - self.inter_start
+        is_inter = (relative >= 0) & (relative < self.layout.num_inter)
+        beta_param = self.mobius_bias_gate_up if which == "gate_up" else self.mobius_bias_down
+        beta = beta_param[relative.clamp(0, self.layout.num_inter - 1)]
+        scale = (self.log_scale_gate_up if which == "gate_up" else self.log_scale_down).exp()
+        mapped = mobius_bias(out, beta, scale, self.curvature, self.config.manifold, self.config.mobius_residual)
+        return torch.where(is_inter.unsqueeze(-1), mapped, out)
+
+    @property
+    def curvature(self) -> torch.Tensor:
+        return F.softplus(self.raw_curvature.float())
+
+    def expert_ffn(self, rows: torch.Tensor, expert_ids: torch.Tensor, linear: Callable) -> torch.Tensor:
+        """SwiGLU of every row by its expert; `linear(x, weight_name)` does the (grouped) projections."""
+        gate_up = self.hyperbolic(linear(rows, "gate_up_proj"), expert_ids, "gate_up")
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.hyperbolic(linear(self.act_fn(gate) * up, "down_proj"), expert_ids, "down")
+
+
+def asymoe_grouped_mm_experts_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    evidence_states: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One grouped GEMM per projection over all expert groups (rows sorted by expert, dropless)."""
+    num_tokens, top_k = top_k_index.shape
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+    token_idx = perm // top_k
+    rows = self.expert_inputs(hidden_states, evidence_states, token_idx, expert_ids)
+    counts_input = expert_ids.float() if expert_ids.device.type in ("cpu", "mps") else expert_ids.int()
+    counts = torch.histc(counts_input, bins=self.num_experts, min=0, max=self.num_experts - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+
+    def linear(x, name):
+        return _grouped_linear(x, getattr(self, name), offsets)
+
+    out = self.expert_ffn(rows, expert_ids, linear) * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(rows.dtype)
+    unsorted = torch.empty_like(out)
+    unsorted[perm] = out
+    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def asymoe_batched_mm_experts_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    evidence_states: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gathers each (token, expert) pair's weights and runs batched matmuls (fast for few tokens, e.g. decoding)."""
+    num_tokens, top_k = top_k_index.shape
+    expert_ids = top_k_index.reshape(-1)
+    token_idx = torch.arange(num_tokens, device=hidden_states.device).repeat_interleave(top_k)
+    rows = self.expert_inputs(hidden_states, evidence_states, token_idx, expert_ids)
+
+    def linear(x, name):
+        return torch.bmm(getattr(self, name)[expert_ids], x.unsqueeze(-1)).squeeze(-1)
+
+    out = self.expert_ffn(rows, expert_ids, linear) * top_k_weights.reshape(-1, 1).to(rows.dtype)
+    return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+class AsyMoEExpertsInterface(ExpertsInterface):
+    """Experts implementations that know AsyMoE's groups (`experts_implementation=` "eager", "grouped_mm",
+    "batched_mm")."""
+
+    _global_mapping = {
+        "grouped_mm": asymoe_grouped_mm_experts_forward,
+        "batched_mm": asymoe_batched_mm_experts_forward,
+    }
+
+
+ASYMOE_EXPERTS_FUNCTIONS = AsyMoEExpertsInterface()
+
+
+@use_experts_implementation(experts_interface=ASYMOE_EXPERTS_FUNCTIONS)
+class AsyMoEExperts(AsyMoEExpertsMixin, nn.Module):
+    """All experts of one MoE layer as fused 3-D SwiGLU weights, groups stored as vision, text, inter, evidence."""
+
+    def __init__(self, config: AsyMoETextConfig, layout: ExpertLayout):
+        super().__init__()
+        self.layout = layout
+        self.num_experts = layout.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.inter_start = layout.num_vision + layout.num_text
+        self.evidence_start = self.inter_start + layout.num_inter
+        self.is_hyperbolic = bool(config.hyperbolic_inter and layout.num_inter)
+        if self.is_hyperbolic:
+            self.mobius_bias_gate_up = nn.Parameter(torch.zeros(layout.num_inter, 2 * self.intermediate_dim))
+            self.mobius_bias_down = nn.Parameter(torch.zeros(layout.num_inter, self.hidden_dim))
+            self.log_scale_gate_up = nn.Parameter(torch.zeros(()))
+            self.log_scale_down = nn.Parameter(torch.zeros(()))
+            self.raw_curvature = nn.Parameter(torch.zeros(()), requires_grad=config.learn_curvature)
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+        evidence_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Reference implementation: a loop over the experts that received tokens."""
+        output = torch.zeros_like(hidden_states, dtype=torch.float32)
+        for expert in range(self.num_experts):
+            token_idx, slot = torch.where(top_k_index == expert)
+            if token_idx.numel() == 0:
+                continue
+            expert_ids = torch.full_like(token_idx, expert)
+            rows = self.expert_inputs(hidden_states, evidence_states, token_idx, expert_ids)
+
+            def linear(x, name, expert=expert):
+                return F.linear(x, getattr(self, name)[expert])
+
+            out = self.expert_ffn(rows, expert_ids, linear) * top_k_weights[token_idx, slot, None].to(rows.dtype)
+            output.index_add_(0, token_idx, out.float())
+        return output.to(hidden_states.dtype)
+
+
+class AsyMoEEvidenceReadout(nn.Module):
+    """r_t = attention of token t over the evidence positions (≤ t) of the layer's own keys/values, with a dedicated
+    query projection; returns `h + g * W_o r` with the reliance gate g = σ(w_g·[h; r] + b_g). W_o starts at zero."""
+
+    def __init__(self, config: AsyMoETextConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        width = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.q_norm = AsyMoERMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.use_qk_norm else None
+        self.o_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.gate = nn.Linear(config.hidden_size + width, 1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        evidence_mask: torch.Tensor,
+        past_length: int,
+    ) -> torch.Tensor:
+        """`evidence_mask` [batch, past_length + seq] marks evidence among all positions seen so far."""
+        batch, seq, _ = hidden_states.shape
+        key, value = key_value
+        num_keys, total = key.shape[-2], evidence_mask.shape[-1]
+        device = hidden_states.device
+        if num_keys >= total:  # full or static cache: key j is position j
+            evidence = F.pad(evidence_mask, (0, num_keys - total))
+            key_pos = torch.arange(num_keys, device=device)
+        else:  # sliding-window cache keeps the last `num_keys` positions
+            evidence = evidence_mask[:, -num_keys:]
+            key_pos = torch.arange(total - num_keys, total, device=device)
+        query_pos = torch.arange(past_length, past_length + seq, device=device)
+        allowed = evidence[:, None, None, :] & (key_pos[None, :] <= query_pos[:, None])[None, None]
+
+        query = self.q_proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            query = self.q_norm(query)
+        query = apply_rotary(query.transpose(1, 2), *position_embeddings)
+        key = repeat_kv(key, self.num_key_value_groups)
+        value = repeat_kv(value, self.num_key_value_groups)
+        scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * self.head_dim**-0.5
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        weights = F.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)
+        readout = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).reshape(batch, seq, -1)
+        gate = torch.sigmoid(self.gate(torch.cat([hidden_states, readout], dim=-1)))
+        return hidden_states + gate * self.o_proj(readout)
+
+
+class AsyMoESparseBlock(nn.Module):
+    """Router + fused experts (+ evidence readout in evidence layers) with modality-masked routing."""
+
+    def __init__(self, config: AsyMoETextConfig, layout: ExpertLayout):
+        super().__init__()
+        self.layout = layout
+        self.router = AsyMoERouter(config, layout)
+        self.experts = AsyMoEExperts(config, layout)
+        self.evidence = AsyMoEEvidenceReadout(config) if layout.num_evidence else None
+        groups = layout.group_slices()
+        image_reach = torch.zeros(layout.num_experts, dtype=torch.bool)
+        text_reach = torch.zeros(layout.num_experts, dtype=torch.bool)
+        for name in ("vision", "inter"):
+            if name in groups:
+                image_reach[groups[name]] = True
+        for name in ("text", "inter", "evidence"):
+            if name in groups:
+                text_reach[groups[name]] = True
+        self.register_buffer("image_reach", image_reach, persistent=False)
+        self.register_buffer("text_reach", text_reach, persistent=False)
+
+    def reachable(self, image_mask: torch.Tensor) -> torch.Tensor:
+        """[N] bool image-token mask -> [N, E] bool experts each token may route to."""
+        return torch.where(image_mask.reshape(-1, 1), self.image_reach, self.text_reach)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        image_mask: torch.Tensor,
+        key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        evidence_mask: torch.Tensor | None = None,
+        past_length: int = 0,
+    ) -> torch.Tensor:
+        batch, seq, hidden = hidden_states.shape
+        flat = hidden_states.reshape(-1, hidden)
+        _, top_weights, top_index = self.router(flat, self.reachable(image_mask))
+        evidence_states = None
+        if self.evidence is not None:
+            evidence_states = self.evidence(
+                hidden_states, key_value, position_embeddings, evidence_mask, past_length
+            ).reshape(-1, hidden)
+        return self.experts(flat, top_index, top_weights, evidence_states).view(batch, seq, hidden)
+
+
+class AsyMoEDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: AsyMoETextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = AsyMoEAttention(config, layer_idx)
+        layout = config.expert_layout(layer_idx)
+        self.mlp = AsyMoEMLP(config) if layout is None else AsyMoESparseBlock(config, layout)
+        self.input_layernorm = AsyMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = AsyMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        image_mask: torch.Tensor | None = None,
+        evidence_mask: torch.Tensor | None = None,
+        past_length: int = 0,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        attn_output, _, key_value = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + attn_output
+        normed = self.post_attention_layernorm(hidden_states)
+        if isinstance(self.mlp, AsyMoESparseBlock):
+            mlp_output = self.mlp(normed, image_mask, key_value, position_embeddings, evidence_mask, past_length)
+        else:
+            mlp_output = self.mlp(normed)
+        return hidden_states + mlp_output
+
+
+class AsyMoEPreTrainedModel(PreTrainedModel):
+    config: AsyMoEConfig
+    config_class = AsyMoEConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AsyMoEDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keep_in_fp32_modules_strict = ["router"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(AsyMoERouter, index=0),
+        "hidden_states": AsyMoEDecoderLayer,
+        "attentions": OutputRecorder(AsyMoEAttention, index=1),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        config = self.config.get_text_config()
+        std = config.initializer_range
+        if isinstance(module, AsyMoEExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+            if module.is_hyperbolic:
+                init.zeros_(module.mobius_bias_gate_up)
+                init.zeros_(module.mobius_bias_down)
+                scale = config.hyperbolic_scale
+                init.constant_(module.log_scale_gate_up, math.log(scale or (2 * module.intermediate_dim) ** 0.5))
+                init.constant_(module.log_scale_down, math.log(scale or module.hidden_dim**0.5))
+                init.constant_(module.raw_curvature, math.log(math.expm1(config.curvature)))  # softplus^-1
+        elif isinstance(module, AsyMoERouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, AsyMoEEvidenceReadout):
+            init.zeros_(module.o_proj.weight)  # the readout starts switched off: function-preserving
+            init.zeros_(module.gate.bias)
+
+
+class AsyMoETextModel(AsyMoEPreTrainedModel):
+    """The AsyMoE decoder (no LM head)."""
+
+    config: AsyMoETextConfig
+    config_class = AsyMoETextConfig
+
+    def __init__(self, config: AsyMoETextConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([AsyMoEDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = AsyMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = AsyMoERotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        image_mask: torch.BoolTensor | None = None,
+        evidence_mask: torch.BoolTensor | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        r"""
+        image_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Image-token positions (routed to the vision/inter experts). Default: none.
+        evidence_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Positions the evidence-priority experts read. Default: `image_mask`.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + seq, device=inputs_embeds.device).unsqueeze(0)
+        if image_mask is None:
+            image_mask = torch.zeros(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
+        if self.config.evidence_layers:
+            evidence_mask = _evidence_history(
+                past_key_values, image_mask if evidence_mask is None else evidence_mask.bool(), past_length
+            )
+
+        mask_fn = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
+        causal_mask = mask_fn(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                image_mask=image_mask,
+                evidence_mask=evidence_mask,
+                past_length=past_length,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        return MoeModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states),
+            past_key_values=past_key_values if use_cache else None,
+        )
+
+
+def _evidence_history(cache: Cache | None, evidence_now: torch.Tensor, past_length: int) -> torch.Tensor:
+    """Evidence mask over all positions seen so far. It is kept on the cache object, so that decoding steps (whose
+    inputs hold only new tokens) still know where the prompt's evidence is; generated tokens are never evidence."""
+    if cache is None:
+        return evidence_now
+    previous = getattr(cache, "_asymoe_evidence", None)
+    if previous is None or previous.shape[0] != evidence_now.shape[0]:
+        previous = evidence_now.new_zeros(evidence_now.shape[0], 0)
+    previous = F.pad(previous[:, :past_length], (0, max(0, past_length - previous.shape[1])))
+    history = torch.cat([previous, evidence_now], dim=1)
+    cache._asymoe_evidence = history
+    return history
+
+
+class AsyMoEMultiModalProjector(nn.Module):
+    """LLaVA's two-layer projector from (concatenated) vision features to the decoder width."""
+
+    def __init__(self, config: AsyMoEConfig):
+        super().__init__()
+        num_layers = len(config.vision_feature_layer) if isinstance(config.vision_feature_layer, list) else 1
+        bias = config.multimodal_projector_bias
+        text_width = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size * num_layers, text_width, bias=bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_width, text_width, bias=bias)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+@dataclass
+class AsyMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    r"""
+    z_loss (`torch.FloatTensor`, *optional*): router z-loss (unweighted), when `output_router_logits`.
+    image_hidden_states (`torch.FloatTensor`, *optional*): projected image features.
+    """
+
+    z_loss: torch.FloatTensor | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class AsyMoEModel(AsyMoEPreTrainedModel):
+    """Vision tower + projector + AsyMoE decoder, without the LM head."""
+
+    def __init__(self, config: AsyMoEConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = AsyMoEMultiModalProjector(config)
+        self.language_model = AsyMoETextModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.embed_tokens = value
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> torch.Tensor:
+        """[num_images, C, H, W] -> projected features [num_images, num_image_tokens, hidden]."""
+        vision = self.config.vision_config
+        expected = (vision.num_channels, vision.image_size, vision.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape [num_images, {expected[0]}, {expected[1]}, {expected[2]}] for this "
+                f"vision tower, got {list(pixel_values.shape)}; preprocess images with the checkpoint's processor "
+                "(AutoProcessor.from_pretrained(..., trust_remote_code=True))."
+            )
+        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
+        layer = self.config.vision_feature_layer
+        if isinstance(layer, list):
+            features = torch.cat([outputs.hidden_states[i] for i in layer], dim=-1)
+        else:
+            features = outputs.hidden_states[layer]
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        return self.multi_modal_projector(features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        mm_token_type_ids: torch.LongTensor | None = None,
+        evidence_mask: torch.BoolTensor | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if mm_token_type_ids is not None:
+            image_mask = mm_token_type_ids == 1
+        elif input_ids is not None:
+            image_mask = input_ids == self.config.image_token_id
+        elif pixel_values is not None:
+            raise ValueError("With `inputs_embeds` and `pixel_values`, pass `mm_token_type_ids` (1 = image token).")
+        else:
+            image_mask = None
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        num_placeholders = int(image_mask.sum()) if image_mask is not None else 0
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+            num_features = image_features.shape[0] * image_features.shape[1]
+            if num_placeholders != num_features:
+                raise ValueError(
+                    f"Image features and image tokens do not match: the text holds {num_placeholders} image tokens "
+                    f"(id {self.config.image_token_id}) but {image_features.shape[0]} image(s) give {num_features} "
+                    f"features ({image_features.shape[1]} per image). Put one '<image>' per image in the text and "
+                    "let AsyMoEProcessor expand it."
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(
+                image_mask.unsqueeze(-1).to(inputs_embeds.device), image_features.to(inputs_embeds.dtype)
+            )
+        elif num_placeholders and not (past_key_values is not None and past_key_values.get_seq_length() > 0):
+            raise ValueError(
+                f"The text holds {num_placeholders} image tokens but no `pixel_values` were given: pass the images, "
+                "or remove the '<image>' placeholders."
+            )
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            image_mask=image_mask,
+            evidence_mask=evidence_mask,
+            **kwargs,
+        )
+        outputs.image_hidden_states = image_features
+        return outputs
+
+
+class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
+    """AsyMoE with a language-modeling head: `generate()`, training loss (image positions never count), router aux
+    losses added when `output_router_logits`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: AsyMoEConfig):
+        super().__init__(config)
+        self.model = AsyMoEModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    def moe_blocks(self) -> list[AsyMoESparseBlock]:
+        """The MoE blocks in layer order (the order of `router_logits`)."""
+        return [m for m in self.model.language_model.modules() if isinstance(m, AsyMoESparseBlock)]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        mm_token_type_ids: torch.LongTensor | None = None,
+        evidence_mask: torch.BoolTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> AsyMoECausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token labels (-100 = ignored). Image-token positions are always ignored.
+        output_router_logits (`bool`, *optional*):
+            Return the router logits of every MoE layer and add `router_aux_loss_coef * aux_loss +
+            router_z_loss_coef * z_loss` to the loss. Default: `config.text_config.output_router_logits`.
+        mm_token_type_ids (`torch.LongTensor`, *optional*): 1 at image positions (default: from `input_ids`).
+        evidence_mask (`torch.BoolTensor`, *optional*): positions evidence experts read (default: image positions).
+        """
+        text_config = self.config.text_config
+        if output_router_logits is None:
+            output_router_logits = text_config.output_router_logits
+        output_router_logits = bool(output_router_logits and text_config.moe_layers)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            mm_token_type_ids=mm_token_type_ids,
+            evidence_mask=evidence_mask,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        image_mask = self._image_mask(input_ids, mm_token_type_ids, hidden_states)
+        loss = None
+        if labels is not None:
+            labels = labels.masked_fill(image_mask.to(labels.device), -100)
+            loss = self.loss_function(logits, labels, vocab_size=text_config.vocab_size, **kwargs)
+
+        aux_loss = z_loss = None
+        if output_router_logits:
+            valid = _current_token_mask(attention_mask, hidden_states)
+            aux_loss, z_loss = router_losses(outputs.router_logits, self.moe_blocks(), image_mask, valid)
+            if loss is not None:
+                loss = loss + text_config.router_aux_loss_coef * aux_loss.to(loss.device)
+                if text_config.router_z_loss_coef:
+                    loss = loss + text_config.router_z_loss_coef * z_loss.to(loss.device)
+
+        return AsyMoECausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    def _image_mask(self, input_ids, mm_token_type_ids, hidden_states) -> torch.Tensor:
+        if mm_token_type_ids is not None:
+            return mm_token_type_ids == 1
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        return torch.zeros(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights and config, plus the flat remote-code files that `trust_remote_code=True` loads."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        write_remote_code(save_directory, __file__)
+
+
+def _current_token_mask(attention_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] bool mask of the non-padding tokens of this forward (the 2-D mask may also cover the cache)."""
+    batch, seq = hidden_states.shape[:2]
+    if attention_mask is None or attention_mask.ndim != 2:
+        return torch.ones(batch, seq, dtype=torch.bool, device=hidden_states.device)
+    return attention_mask[:, -seq:].bool().to(hidden_states.device)
+
+
+def router_losses(
+    router_logits: tuple[torch.Tensor, ...],
+    blocks: list[AsyMoESparseBlock],
+    image_mask: torch.Tensor,
+    valid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch load-balancing loss per modality over its reachable experts, and the router z-loss.
+
+    Per layer and modality m with reachable experts R_m and (non-padding) tokens T_m:
+    `|R_m| * sum_e f_e * P_e`, f_e the fraction of T_m's top-k slots sent to e, P_e the mean routing probability.
+    Both losses are averaged over the (layer, modality) pairs that have tokens; 1.0 is perfect balance.
+    """
+    image_mask, valid = image_mask.reshape(-1), valid.reshape(-1)
+    balance_terms, z_terms = [], []
+    for logits, block in zip(router_logits, blocks):
+        logits = logits.float()
+        top_k = block.router.top_k
+        for is_image, reach in ((True, block.image_reach), (False, block.text_reach)):
+            tokens = valid & (image_mask == is_image)
+            if not bool(tokens.any()):
+                continue
+            masked = logits[tokens][:, reach]
+            probs = F.softmax(masked, dim=-1)
+            chosen = torch.topk(probs, top_k, dim=-1).indices
+            fraction = F.one_hot(chosen, masked.shape[-1]).float().sum(dim=1).mean(dim=0) / top_k
+            balance_terms.append(masked.shape[-1] * (fraction * probs.mean(dim=0)).sum())
+            z_terms.append(torch.logsumexp(masked, dim=-1).pow(2).mean())
+    if not balance_terms:
+        zero = router_logits[0].new_zeros(())
+        return zero, zero
+    return torch.stack(balance_terms).mean(), torch.stack(z_terms).mean()
+
+
+__all__ = [
+    "AsyMoEForConditionalGeneration",
+    "AsyMoEModel",
+    "AsyMoEPreTrainedModel",
+    "AsyMoETextModel",
+    "router_losses",
+]
