@@ -409,21 +409,28 @@ class AsyMoESparseBlock(nn.Module):
         self.router = AsyMoERouter(config, layout)
         self.experts = AsyMoEExperts(config, layout)
         self.evidence = AsyMoEEvidenceReadout(config) if layout.num_evidence else None
-        groups = layout.group_slices()
-        image_reach = torch.zeros(layout.num_experts, dtype=torch.bool)
-        text_reach = torch.zeros(layout.num_experts, dtype=torch.bool)
-        for name in ("vision", "inter"):
-            if name in groups:
-                image_reach[groups[name]] = True
-        for name in ("text", "inter", "evidence"):
-            if name in groups:
-                text_reach[groups[name]] = True
-        self.register_buffer("image_reach", image_reach, persistent=False)
-        self.register_buffer("text_reach", text_reach, persistent=False)
+
+    def reach_masks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """[E] bool masks of the experts image tokens and text tokens may route to.
+
+        Derived from the layout on each call (not kept as buffers, which meta-device loading leaves uninitialised).
+        """
+        ids = torch.arange(self.layout.num_experts, device=device)
+        groups = self.layout.group_slices()
+
+        def members(*names: str) -> torch.Tensor:
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            for name in names:
+                if name in groups:
+                    mask |= (ids >= groups[name].start) & (ids < groups[name].stop)
+            return mask
+
+        return members("vision", "inter"), members("text", "inter", "evidence")
 
     def reachable(self, image_mask: torch.Tensor) -> torch.Tensor:
         """[N] bool image-token mask -> [N, E] bool experts each token may route to."""
-        return torch.where(image_mask.reshape(-1, 1), self.image_reach, self.text_reach)
+        image_reach, text_reach = self.reach_masks(image_mask.device)
+        return torch.where(image_mask.reshape(-1, 1), image_reach, text_reach)
 
     def forward(
         self,
@@ -882,7 +889,7 @@ def router_losses(
     for logits, block in zip(router_logits, blocks):
         logits = logits.float()
         top_k = block.router.top_k
-        for is_image, reach in ((True, block.image_reach), (False, block.text_reach)):
+        for is_image, reach in zip((True, False), block.reach_masks(logits.device)):
             tokens = valid & (image_mask == is_image)
             if not bool(tokens.any()):
                 continue

@@ -1,0 +1,231 @@
+"""The Hub bundle: what `save_pretrained` emits loads with trust_remote_code where only torch, transformers,
+safetensors and pillow (and what they need) are importable; and it is exactly the project's sources, flattened."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+from packaging.requirements import Requirement
+
+import asymoe
+from asymoe import AsyMoEForConditionalGeneration
+from asymoe.tiny import build_tokenizer, tiny_config, tiny_processor
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE_SOURCES = {
+    "configuration_asymoe.py": REPO / "configuration" / "configuration_asymoe.py",
+    "modeling_asymoe.py": REPO / "modeling_asymoe" / "modeling_asymoe.py",
+    "hyperbolic_asymoe.py": REPO / "modeling_asymoe" / "hyperbolic_asymoe.py",
+    "processing_asymoe.py": REPO / "processing" / "processing_asymoe.py",
+}
+ALLOWED_DISTRIBUTIONS = ["torch", "transformers", "safetensors", "pillow"]
+AUTO_CLASSES = ["AutoModelForImageTextToText", "AutoModelForCausalLM", "AutoModel"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved tiny AsyMoE (model + processor) and the logits of the saving process on a fixed input."""
+    directory = tmp_path_factory.mktemp("bundle")
+    tokenizer = build_tokenizer("what color is the shape red blue".split())
+    config = tiny_config(tokenizer)
+    torch.manual_seed(0)
+    model = AsyMoEForConditionalGeneration(config).eval()
+    processor = tiny_processor(config, tokenizer)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def _closure(names: list[str]) -> set[str]:
+    """Distributions `names` need at run time (their non-extra requirements, recursively)."""
+    seen, pending = set(), list(names)
+    while pending:
+        name = pending.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        seen.add(name)
+        for line in dist.requires or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                pending.append(requirement.name)
+    return seen
+
+
+def _isolated_site(directory: Path) -> Path:
+    """A folder linking the modules and metadata of the allowed distributions' closure, nothing else."""
+    site = directory / "site"
+    site.mkdir()
+    for name in _closure(ALLOWED_DISTRIBUTIONS):
+        dist = metadata.distribution(name)
+        tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+        for top in tops:
+            source = Path(dist.locate_file(top))
+            if top.endswith(".pth") or top == "__pycache__" or not source.exists():
+                continue
+            target = site / top
+            if not target.exists():
+                target.symlink_to(source)
+    assert not (site / "asymoe").exists()
+    return site
+
+
+ISOLATED_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    assert importlib.util.find_spec("asymoe") is None, "asymoe must not be importable here"
+    for name in ("trl", "peft", "datasets", "evaluate", "accelerate"):
+        assert importlib.util.find_spec(name) is None, name + " must not be importable here"
+    import numpy as np, torch
+    from PIL import Image
+    import transformers
+    from transformers import AutoConfig, AutoProcessor, pipeline
+    directory, auto_classes = sys.argv[1], sys.argv[2].split(",")
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
+    image = Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype("uint8"))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color ?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    result = {"config": type(config).__name__, "processor": type(processor).__name__, "models": {}}
+    for name in auto_classes:
+        model = getattr(transformers, name).from_pretrained(directory, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        result["models"][name] = {
+            "class": type(model).__name__,
+            "module": type(model).__module__,
+            "logits_sum": float(logits.double().sum()),
+            "new_tokens": generated[0, inputs["input_ids"].shape[1]:].tolist(),
+        }
+    pipe = pipeline("image-text-to-text", model=directory, trust_remote_code=True)
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what ?"}]}]
+    reply = pipe(text=chat, max_new_tokens=3)[0]["generated_text"][-1]
+    result["pipeline"] = {"role": reply["role"], "content": str(reply["content"])}
+    print("RESULT " + json.dumps(result))
+    """
+)
+
+
+def test_bundle_loads_in_isolated_interpreter(checkpoint, tmp_path):
+    """Every Auto class loads and generates with only torch/transformers/safetensors/pillow importable."""
+    site = _isolated_site(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONNOUSERSITE="1")
+    code = f"import sys; sys.path.insert(0, {str(site)!r}); exec(compile(open({str(tmp_path / 'run.py')!r}).read(), 'run.py', 'exec'))"
+    (tmp_path / "run.py").write_text(ISOLATED_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, "-S", "-s", "-c", code, str(checkpoint), ",".join(AUTO_CLASSES)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["config"] == "AsyMoEConfig" and result["processor"] == "AsyMoEProcessor"
+    models = result["models"]
+    for name in AUTO_CLASSES:
+        assert models[name]["class"] == "AsyMoEForConditionalGeneration"
+        assert models[name]["module"].startswith("transformers_modules"), "must run the bundle's remote code"
+        assert len(models[name]["new_tokens"]) >= 1
+    # Same weights, same code: every Auto class computes the same thing, and the same as in this process.
+    sums = {models[name]["logits_sum"] for name in AUTO_CLASSES}
+    assert len(sums) == 1
+    assert sums.pop() == pytest.approx(_local_logits_sum(checkpoint), rel=1e-6)
+    assert result["pipeline"]["role"] == "assistant"
+
+
+def _local_logits_sum(directory: Path) -> float:
+    """The isolated script's input, run through the installed package's classes."""
+    import numpy as np
+    from PIL import Image
+
+    from asymoe.processing import AsyMoEProcessor
+
+    model = AsyMoEForConditionalGeneration.from_pretrained(directory).eval()
+    processor = AsyMoEProcessor.from_pretrained(directory)
+    image = Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype("uint8"))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color ?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    with torch.no_grad():
+        return float(model(**processor(images=image, text=prompt, return_tensors="pt")).logits.double().sum())
+
+
+def test_isolated_site_excludes_toolkit(tmp_path):
+    """The isolation is real: the toolkit packages are outside the closure this test exposes."""
+    closure = _closure(ALLOWED_DISTRIBUTIONS)
+    assert {"torch", "transformers", "safetensors", "pillow"} <= closure
+    assert not {"asymoe", "trl", "peft", "datasets", "evaluate", "accelerate"} & closure
+
+
+def test_emitted_files_are_the_flattened_sources(checkpoint):
+    """The bundle is generated, never hand-kept: each file equals its source with imports made flat."""
+    for name, source in BUNDLE_SOURCES.items():
+        expected = re.sub(
+            r"^(\s*)from \.\.?(?:\w+\.)?(\w+) import", r"\1from .\2 import", source.read_text(), flags=re.MULTILINE
+        )
+        assert (checkpoint / name).read_text() == expected, name
+    auto_map = json.loads((checkpoint / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {
+        "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoProcessor"
+    }
+    for reference in auto_map.values():
+        module, cls = reference.split(".")
+        assert f"class {cls}(" in (checkpoint / f"{module}.py").read_text()
+    processor_config = json.loads((checkpoint / "processor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_asymoe.AsyMoEProcessor"}
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLE_SOURCES))
+def test_bundle_imports_only_torch_transformers_stdlib_and_siblings(name):
+    """Remote code may import torch, transformers, the standard library and flat siblings — nothing else."""
+    tree = ast.parse(BUNDLE_SOURCES[name].read_text())
+    allowed_roots = {"torch", "transformers", "__future__"} | set(sys.stdlib_module_names)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try):
+            # transformers ignores imports inside try/except (optional toolkit hooks such as from_dense)
+            for inner in ast.walk(node):
+                inner._in_try = True
+        if getattr(node, "_in_try", False):
+            continue
+        if isinstance(node, ast.Import):
+            roots = {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                module = (node.module or "").split(".")[-1]
+                assert f"{module}.py" in BUNDLE_SOURCES, f"{name} imports non-bundle sibling {node.module}"
+                continue
+            roots = {node.module.split(".")[0]}
+        else:
+            continue
+        assert roots <= allowed_roots, f"{name} imports {roots - allowed_roots}"
+
+
+def test_wheel_installs_one_namespace(tmp_path):
+    """The built wheel installs everything under `asymoe` (no generic top-level `configuration`, `eval`, ...)."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("asymoe-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert {name.split("/")[0] for name in names} == {"asymoe", f"{wheel.name.split('-')[0]}-{asymoe.__version__}.dist-info"}
+    for module in ("configuration/configuration_asymoe.py", "modeling/modeling_asymoe.py",
+                   "modeling/hyperbolic_asymoe.py", "processing/processing_asymoe.py", "cli.py"):
+        assert f"asymoe/{module}" in names
+    entry_points = zipfile.ZipFile(wheel).read(f"asymoe-{asymoe.__version__}.dist-info/entry_points.txt").decode()
+    assert "asymoe = asymoe.cli:main" in entry_points
