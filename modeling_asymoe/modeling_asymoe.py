@@ -210,8 +210,12 @@ class AsyMoERouter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden_states [N, H], reachable [N, E] bool -> router logits [N, E] (fp32), top-k weights, top-k ids."""
         logits = F.linear(hidden_states.float(), self.weight.float())
-        probs = F.softmax(logits.masked_fill(~reachable, float("-inf")), dim=-1)
-        top_weights, top_index = torch.topk(probs, self.top_k, dim=-1)
+        masked = logits.masked_fill(~reachable, float("-inf"))
+        probs = F.softmax(masked, dim=-1)
+        # Top-k of the masked logits, not of probs: where exp underflows (logit gaps > ~100), reachable experts tie
+        # with unreachable ones at probability 0 and top-k could pick an unreachable expert.
+        top_index = torch.topk(masked, self.top_k, dim=-1).indices
+        top_weights = probs.gather(-1, top_index)
         top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
         return logits, top_weights, top_index
 
@@ -362,6 +366,7 @@ class AsyMoEEvidenceReadout(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.q_norm = AsyMoERMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.use_qk_norm else None
         self.o_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.o_proj._asymoe_zero_init = True  # W_o = 0 at init (see `_init_weights`): the readout starts off
         self.gate = nn.Linear(config.hidden_size + width, 1)
 
     def forward(
@@ -525,9 +530,10 @@ class AsyMoEPreTrainedModel(PreTrainedModel):
                 init.constant_(module.raw_curvature, math.log(math.expm1(config.curvature)))  # softplus^-1
         elif isinstance(module, AsyMoERouter):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, AsyMoEEvidenceReadout):
-            init.zeros_(module.o_proj.weight)  # the readout starts switched off: function-preserving
-            init.zeros_(module.gate.bias)
+        elif isinstance(module, nn.Linear) and getattr(module, "_asymoe_zero_init", False):
+            # The evidence readout's W_o starts at zero (function-preserving). Marked on the Linear itself: for
+            # remote code, transformers skips `_init_weights` on modules without direct parameters (the readout).
+            init.zeros_(module.weight)
 
 
 class AsyMoETextModel(AsyMoEPreTrainedModel):
@@ -703,6 +709,7 @@ class AsyMoEModel(AsyMoEPreTrainedModel):
     ) -> MoeModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        mm_token_type_ids = _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, past_key_values)
         if mm_token_type_ids is not None:
             image_mask = mm_token_type_ids == 1
         elif input_ids is not None:
@@ -773,6 +780,29 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> torch.Tensor:
         return self.model.get_image_features(pixel_values)
 
+    def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
+        """`generate()`: record the prompt's image positions as `mm_token_type_ids`; generate extends them with zeros,
+        so generated tokens are text even when they are `<image>` ids, with or without the cache."""
+        inputs, input_name, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
+        if input_name == "input_ids" and model_kwargs.get("mm_token_type_ids") is None:
+            model_kwargs["mm_token_type_ids"] = (inputs == self.config.image_token_id).long()
+        return inputs, input_name, model_kwargs
+
+    @classmethod
+    def from_dense(cls, source, **overrides) -> AsyMoEForConditionalGeneration:
+        """Upcycle a dense `LlavaForConditionalGeneration` (directory, Hub id or model) into AsyMoE, in memory.
+
+        `overrides`: `moe_variant`, `mode` ("copy": same logits as the source; "partition"), `experts`, `seed`,
+        `noise_std`, MoE fields of the text config; see `asymoe.upcycling.upcycle` (needs the asymoe toolkit).
+        """
+        try:
+            from asymoe.upcycling import upcycle
+        except ImportError as err:
+            raise ImportError(
+                "AsyMoEForConditionalGeneration.from_dense needs the asymoe toolkit: pip install asymoe"
+            ) from err
+        return upcycle(source, None, **overrides)
+
     def moe_blocks(self) -> list[AsyMoESparseBlock]:
         """The MoE blocks in layer order (the order of `router_logits`)."""
         return [m for m in self.model.language_model.modules() if isinstance(m, AsyMoESparseBlock)]
@@ -803,6 +833,7 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
         evidence_mask (`torch.BoolTensor`, *optional*): positions evidence experts read (default: image positions).
         """
         text_config = self.config.text_config
+        mm_token_type_ids = _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, past_key_values)
         if output_router_logits is None:
             output_router_logits = text_config.output_router_logits
         output_router_logits = bool(output_router_logits and text_config.moe_layers)
@@ -862,6 +893,17 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
         super().save_pretrained(save_directory, *args, **kwargs)
         Path(save_directory).mkdir(parents=True, exist_ok=True)
         write_remote_code(save_directory, __file__)
+
+
+def _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, past_key_values) -> torch.Tensor | None:
+    """A forward that continues a cache without images (a decoding step) holds generated tokens: all text, even
+    `<image>` ids. Otherwise the given `mm_token_type_ids` (None: image positions are the `<image>` ids)."""
+    if (
+        mm_token_type_ids is None and input_ids is not None and pixel_values is None
+        and past_key_values is not None and past_key_values.get_seq_length() > 0
+    ):
+        return torch.zeros_like(input_ids)
+    return mm_token_type_ids
 
 
 def _current_token_mask(attention_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor:
