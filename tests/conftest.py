@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny word-level tokenizer and processor, processor inputs built from small random PIL images,
+tiny models, and a fixed RNG seed for every test. Nothing here downloads anything."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from asymoe import AsyMoEForConditionalGeneration
+from asymoe.tiny import build_tokenizer, tiny_config, tiny_processor
+
+WORDS = "what color shape is the a red blue green yellow circle square triangle left right yes no".split()
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed torch, numpy and `random`."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_image(seed: int = 0, size: int = 32) -> Image.Image:
+    """A `size`×`size` RGB image of uniform noise, reproducible from `seed`."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(autouse=True)
+def fixed_seed():
+    """Every test starts from the same RNG state."""
+    seed_everything(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """Word-level tokenizer (left padding) over the special tokens, the chat words and `WORDS`."""
+    return build_tokenizer(WORDS)
+
+
+@pytest.fixture(scope="session")
+def processor(tokenizer):
+    """The tiny processor (32×32 CLIP preprocessing, 16 image tokens per `<image>`); same for every tiny variant."""
+    return tiny_processor(tiny_config(tokenizer), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def make_inputs(processor):
+    """`make_inputs(texts, image_seed=0, **processor_kwargs)`: processor outputs (pt, padded) for a str or a list of
+    str, with one fresh noise image per `<image>` placeholder (seeds image_seed, image_seed + 1, ...)."""
+
+    def make(texts, image_seed: int = 0, **kwargs):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        count = sum(text.count(processor.image_token) for text in texts)
+        images = [make_image(image_seed + i) for i in range(count)] or None
+        kwargs = {"return_tensors": "pt", "padding": True, **kwargs}
+        return processor(images=images, text=texts, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_model(tokenizer):
+    """`make_model(moe_variant="asymoe", seed=0, **text_overrides)`: a freshly initialised tiny model in eval mode."""
+
+    def make(moe_variant: str = "asymoe", seed: int = 0, **text_overrides) -> AsyMoEForConditionalGeneration:
+        seed_everything(seed)
+        return AsyMoEForConditionalGeneration(tiny_config(tokenizer, moe_variant, **text_overrides)).eval()
+
+    return make

@@ -1,0 +1,257 @@
+"""Hyperbolic maps of the inter-modality experts (`hyperbolic_asymoe`): exp/log round trips and closed forms, Möbius
+addition and Lorentz boosts, finite values and gradients for any tangent norm (fp32 and bf16 autocast), and the
+Möbius bias at and around beta = 0."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from asymoe.modeling.hyperbolic_asymoe import (
+    lorentz_boost,
+    lorentz_expmap0,
+    lorentz_logmap0,
+    mobius_add,
+    mobius_bias,
+    mobius_translate,
+    poincare_expmap0,
+    poincare_logmap0,
+    round_trip,
+)
+
+MANIFOLDS = ("poincare", "lorentz")
+DIM = 16
+EXPMAP = {"poincare": poincare_expmap0, "lorentz": lorentz_expmap0}
+LOGMAP = {"poincare": poincare_logmap0, "lorentz": lorentz_logmap0}
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Deterministic global RNG for the tests that draw from it."""
+    torch.manual_seed(0)
+
+
+def tangents(norms, seed: int = 0, dim: int = DIM) -> torch.Tensor:
+    """Rows of the given Euclidean norms along random directions (fp32)."""
+    generator = torch.Generator().manual_seed(seed)
+    norms = torch.as_tensor(norms, dtype=torch.float32).reshape(-1, 1)
+    directions = torch.randn(norms.shape[0], dim, generator=generator)
+    return directions / directions.norm(dim=-1, keepdim=True) * norms
+
+
+def ball_points(n: int, c: torch.Tensor, seed: int, max_radius: float = 2.0) -> torch.Tensor:
+    """Points of the Poincaré ball at geodesic tangent radii sqrt(c)|v| spread over (0, max_radius]."""
+    radii = torch.linspace(0.05, max_radius, n) / c.sqrt()
+    return poincare_expmap0(tangents(radii, seed), c)
+
+
+def lorentz_time(xs: torch.Tensor) -> torch.Tensor:
+    """Time coordinate of a point of the unit hyperboloid from its spatial part."""
+    return (1 + (xs * xs).sum(-1, keepdim=True)).sqrt()
+
+
+def lorentz_inner(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """Minkowski inner product <x, y>_L = -x0 y0 + xs . ys of unit-hyperboloid points given by spatial parts."""
+    return -(lorentz_time(xs) * lorentz_time(ys)).squeeze(-1) + (xs * ys).sum(-1)
+
+
+# --- exp/log maps -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("manifold, max_radius", [("poincare", 4.0), ("lorentz", 4.0), ("lorentz", 15.0)])
+def test_round_trip_is_identity_below_clamp(manifold, max_radius, c):
+    """log0(exp0(v)) == v in fp32 for geodesic radii sqrt(c)|v| up to 4 (Poincaré) / 15 (Lorentz)."""
+    c = torch.tensor(c)
+    v = tangents(torch.linspace(0.0, max_radius, 61) / c.sqrt())
+    composed = LOGMAP[manifold](EXPMAP[manifold](v, c), c)
+    torch.testing.assert_close(composed, v, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(round_trip(v, c, manifold), v, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
+def test_expmap0_closed_form_norms(c):
+    """|exp0(v)| = tanh(sqrt(c)|v|)/sqrt(c) on the ball and sinh(sqrt(c)|v|) on the unit sheet; direction kept."""
+    c = torch.tensor(c)
+    norms = torch.linspace(0.1, 3.0, 11)
+    v = tangents(norms / c.sqrt())
+    radius = c.sqrt() * v.norm(dim=-1)
+    ball, sheet = poincare_expmap0(v, c), lorentz_expmap0(v, c)
+    torch.testing.assert_close(ball.norm(dim=-1), torch.tanh(radius) / c.sqrt(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sheet.norm(dim=-1), torch.sinh(radius), rtol=1e-5, atol=1e-7)
+    unit = v / v.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(ball / ball.norm(dim=-1, keepdim=True), unit)
+    torch.testing.assert_close(sheet / sheet.norm(dim=-1, keepdim=True), unit)
+
+
+def test_poincare_points_stay_inside_ball():
+    """Beyond the clamp radius the Poincaré exp map and Möbius addition stay strictly inside the ball."""
+    c = torch.tensor(1.7)
+    x = poincare_expmap0(tangents([5.0, 10.0, 1e2, 1e4]), c)
+    y = poincare_expmap0(tangents([7.0, 1e3, 1e4, 20.0], seed=1), c)
+    assert (c.sqrt() * x.norm(dim=-1) < 1).all()
+    assert (c.sqrt() * mobius_add(x, y, c).norm(dim=-1) < 1).all()
+
+
+# --- Möbius addition and Lorentz boosts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
+def test_mobius_add_identities(c):
+    """x ⊕ 0 = x, 0 ⊕ y = y, (-x) ⊕ x = 0 and left cancellation (-x) ⊕ (x ⊕ y) = y."""
+    c = torch.tensor(c)
+    x, y = ball_points(12, c, seed=0), ball_points(12, c, seed=1)
+    zero = torch.zeros_like(x)
+    torch.testing.assert_close(mobius_add(x, zero, c), x, rtol=0, atol=0)
+    torch.testing.assert_close(mobius_add(zero, y, c), y, rtol=0, atol=0)
+    torch.testing.assert_close(mobius_add(-x, x, c), zero, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mobius_add(-x, mobius_add(x, y, c), c), y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
+def test_mobius_add_collinear_is_velocity_addition(c):
+    """For collinear a·e, b·e: (a e) ⊕ (b e) = (a + b) / (1 + c a b) e (relativistic velocity addition)."""
+    c = torch.tensor(c)
+    e = tangents([1.0])
+    a = torch.tensor([0.3, -0.5, 0.9, 0.1]).reshape(-1, 1) / c.sqrt()
+    b = torch.tensor([0.4, 0.8, -0.2, -0.95]).reshape(-1, 1) / c.sqrt()
+    expected = (a + b) / (1 + c * a * b) * e
+    torch.testing.assert_close(mobius_add(a * e, b * e, c), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lorentz_boost_identities_and_isometry():
+    """Boost by the origin is the identity, boosting the origin gives b, the inverse boost is the boost by -b, and a
+    boost preserves the Minkowski inner product (an isometry of the hyperboloid)."""
+    xs = lorentz_expmap0(tangents(torch.linspace(0.1, 3.0, 10), seed=0), torch.tensor(1.0))
+    ys = lorentz_expmap0(tangents(torch.linspace(0.2, 2.5, 10), seed=1), torch.tensor(1.0))
+    bs = lorentz_expmap0(tangents(torch.linspace(0.3, 2.0, 10), seed=2), torch.tensor(1.0))
+    zero = torch.zeros_like(xs)
+    torch.testing.assert_close(lorentz_boost(xs, zero), xs, rtol=0, atol=0)
+    torch.testing.assert_close(lorentz_boost(zero, bs), bs, rtol=0, atol=0)
+    torch.testing.assert_close(lorentz_boost(lorentz_boost(xs, bs), -bs), xs, rtol=1e-4, atol=1e-4)
+    moved = lorentz_inner(lorentz_boost(xs, bs), lorentz_boost(ys, bs))
+    torch.testing.assert_close(moved, lorentz_inner(xs, ys), rtol=1e-4, atol=1e-4)
+
+
+def test_translations_agree_across_models():
+    """The Lorentz boost at curvature 4c is the left Möbius translation exp0(β) ⊕ exp0(u) of the ball at curvature c
+    (the ball's exp0 has conformal factor 2); the ball's right translation exp0(u) ⊕ exp0(β) differs from it by a
+    gyration, a rotation, so their tangent norms agree."""
+    c = torch.tensor(0.7)
+    u = tangents(torch.linspace(0.1, 2.0, 12) / c.sqrt(), seed=0)
+    beta = tangents(torch.linspace(0.05, 1.0, 12) / c.sqrt(), seed=1)
+    lorentz = mobius_translate(u, beta, 4 * c, "lorentz")
+    left = poincare_logmap0(mobius_add(poincare_expmap0(beta, c), poincare_expmap0(u, c), c), c)
+    right = mobius_translate(u, beta, c, "poincare")
+    torch.testing.assert_close(lorentz, left, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(right.norm(dim=-1), lorentz.norm(dim=-1), rtol=1e-4, atol=1e-5)
+    assert (right - lorentz).abs().max() > 1e-2  # not the same map: the test above is not vacuous
+
+
+def test_unknown_manifold_raises():
+    with pytest.raises(ValueError, match="manifold"):
+        mobius_translate(torch.zeros(1, DIM), torch.zeros(DIM), torch.tensor(1.0), "sphere")
+
+
+# --- mobius_bias: finiteness ------------------------------------------------------------------------------------
+
+HUGE_NORMS = [0.0, 1e-8, 1e-3, 0.5, 1.0, 5.0, 10.0, 100.0, 1e3, 1e4]
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "textbook"])
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+@pytest.mark.parametrize("beta_norm", [0.0, 1e-3, 1.0, 10.0, 1e4])
+def test_mobius_bias_finite_values_and_gradients(manifold, residual, autocast, beta_norm):
+    """Outputs and gradients wrt u, beta, scale and curvature are finite for tangent norms 0..1e4 (zero rows included),
+    in fp32 and with bf16 inputs under CPU autocast; the output keeps u's dtype."""
+    dtype = torch.bfloat16 if autocast else torch.float32
+    u = torch.cat([tangents(HUGE_NORMS, seed=s) for s in range(3)]).to(dtype).requires_grad_()
+    beta = tangents([beta_norm], seed=7)[0].to(dtype).requires_grad_()
+    scale = torch.tensor(1.5, dtype=dtype, requires_grad=True)
+    c = torch.tensor(0.8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = mobius_bias(u, beta, scale, c, manifold, residual)
+    assert out.dtype == dtype
+    assert torch.isfinite(out.float()).all()
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    (out.float() * weights).sum().backward()
+    for name, tensor in (("u", u), ("beta", beta), ("scale", scale), ("curvature", c)):
+        assert tensor.grad is not None, name
+        assert torch.isfinite(tensor.grad.float()).all(), f"non-finite gradient wrt {name}"
+
+
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+def test_mobius_bias_zero_input_is_zero_with_unit_gradient(manifold):
+    """u = 0, beta = 0: the output is exactly 0 and d out / d u is the identity (no clamp-induced dead gradient)."""
+    u = torch.zeros(3, DIM, requires_grad=True)
+    out = mobius_bias(u, torch.zeros(DIM), torch.tensor(2.0), torch.tensor(1.0), manifold, residual=False)
+    assert torch.equal(out, torch.zeros_like(out))
+    weights = torch.randn(3, DIM)
+    (out * weights).sum().backward()
+    torch.testing.assert_close(u.grad, weights, rtol=1e-5, atol=1e-6)
+
+
+# --- mobius_bias: values around beta = 0 ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mobius_bias_residual_is_exact_at_zero_beta(manifold, dtype):
+    """Residual form at beta = 0 returns u bitwise, also far beyond the clamp radius (function-preserving)."""
+    u = torch.cat([tangents(HUGE_NORMS, seed=s) for s in range(3)]).to(dtype)
+    out = mobius_bias(u, torch.zeros(DIM), torch.tensor(1.3), torch.tensor(0.7), manifold, residual=True)
+    assert out.dtype == dtype
+    assert torch.equal(out, u)
+
+
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+def test_mobius_bias_textbook_is_close_at_zero_beta(manifold):
+    """Textbook form at beta = 0 equals u up to fp32 rounding below the clamp (geodesic radius of u/s up to 4)."""
+    scale, c = torch.tensor(1.3), torch.tensor(0.7)
+    u = tangents(torch.linspace(0.0, 4.0, 41) * scale / c.sqrt())
+    out = mobius_bias(u, torch.zeros(DIM), scale, c, manifold, residual=False)
+    torch.testing.assert_close(out, u, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+def test_residual_and_textbook_agree_below_clamp(manifold):
+    """With a nonzero bias both forms give the same value wherever the round trip is exact."""
+    scale, c = torch.tensor(2.0), torch.tensor(1.0)
+    u = tangents(torch.linspace(0.1, 3.0, 16) * scale, seed=0)
+    beta = tangents([0.8], seed=1)[0]
+    residual = mobius_bias(u, beta, scale, c, manifold, residual=True)
+    textbook = mobius_bias(u, beta, scale, c, manifold, residual=False)
+    torch.testing.assert_close(residual, textbook, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "textbook"])
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+def test_nonzero_beta_changes_output_and_has_gradient(manifold, residual):
+    """A nonzero beta moves the output; at beta = 0 the gradient wrt beta is nonzero, and at u = 0 it is s·I
+    (translation of the origin: out = s·beta to first order)."""
+    scale, c = torch.tensor(1.5), torch.tensor(0.9)
+    u = tangents(torch.linspace(0.2, 4.0, 8) * scale, seed=0)
+    beta = tangents([0.5], seed=1)[0]
+    moved = mobius_bias(u, beta, scale, c, manifold, residual)
+    assert (moved - u).norm(dim=-1).min() > 1e-2
+
+    zero_beta = torch.zeros(DIM, requires_grad=True)
+    (mobius_bias(u, zero_beta, scale, c, manifold, residual) * torch.randn(u.shape)).sum().backward()
+    assert zero_beta.grad.abs().sum() > 1e-3
+
+    zero_beta = torch.zeros(DIM, requires_grad=True)
+    weights = torch.randn(DIM)
+    (mobius_bias(torch.zeros(1, DIM), zero_beta, scale, c, manifold, residual) * weights).sum().backward()
+    torch.testing.assert_close(zero_beta.grad, scale * weights, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+def test_mobius_bias_at_origin_is_scaled_beta(manifold):
+    """u = 0: log0(0 ⊕ exp0(beta)) = beta, so the map returns s·beta (any beta below the clamp)."""
+    scale, c = torch.tensor(1.5), torch.tensor(0.9)
+    beta = tangents([2.0 / math.sqrt(0.9)], seed=3)[0]
+    out = mobius_bias(torch.zeros(2, DIM), beta, scale, c, manifold, residual=False)
+    torch.testing.assert_close(out, (scale * beta).expand(2, DIM), rtol=1e-4, atol=1e-5)
