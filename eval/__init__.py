@@ -1,0 +1,1 @@
+"""Evaluation: metric modules for `evaluate`, task adapters, the grounding benchmark, the runner and analysis."""

@@ -1,0 +1,63 @@
+"""Routing statistics agree with what the routers actually chose, and respect modality reachability."""
+
+import pytest
+import torch
+
+from asymoe import AsyMoEForConditionalGeneration
+from asymoe.routing import RoutingStatistics, plot_routing
+from asymoe.tiny import build_tokenizer, tiny_config
+
+
+@pytest.fixture(scope="module")
+def routed():
+    tokenizer = build_tokenizer("red green blue".split())
+    config = tiny_config(tokenizer)
+    torch.manual_seed(0)
+    model = AsyMoEForConditionalGeneration(config).eval()
+    chosen = []
+    hooks = [b.router.register_forward_hook(lambda m, a, out: chosen.append(out[2])) for b in model.moe_blocks()]
+    stats = RoutingStatistics(config)
+    handle = stats.track(model)
+    image = config.image_token_id
+    input_ids = torch.tensor([[0, 0, 2] + [image] * 16 + [5, 6], [2] + [image] * 16 + [5, 6, 7, 8]])
+    attention_mask = (input_ids != 0).long()
+    model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=torch.randn(2, 3, 32, 32),
+          output_router_logits=True)
+    handle.remove()
+    for hook in hooks:
+        hook.remove()
+    return config, stats, chosen, input_ids, attention_mask
+
+
+def test_counts_equal_the_routers_choices(routed):
+    config, stats, chosen, input_ids, attention_mask = routed
+    valid = attention_mask.reshape(-1).bool()
+    image = (input_ids == config.image_token_id).reshape(-1)
+    for index, top_index in enumerate(chosen):
+        for modality, rows in enumerate((valid & image, valid & ~image)):
+            counted = stats.slots[index][modality]
+            expected = torch.bincount(top_index[rows].reshape(-1), minlength=counted.numel())
+            assert counted.tolist() == expected.tolist()
+            assert int(stats.tokens[index, modality]) == int(rows.sum())
+
+
+def test_summary_respects_reachability(routed):
+    config, stats, *_ = routed
+    for entry in stats.summary():
+        assert sum(entry["image"]["group_load"].values()) == pytest.approx(1.0)
+        assert sum(entry["text"]["group_load"].values()) == pytest.approx(1.0)
+        assert entry["image"]["group_load"]["text"] == 0.0
+        assert entry["image"]["group_load"].get("evidence", 0.0) == 0.0
+        assert entry["text"]["group_load"]["vision"] == 0.0
+        assert 0.0 < entry["text"]["entropy"] <= 1.0
+    assert set(stats.log_scalars()) >= {"routing/L1/image/inter", "routing/L3/text/evidence", "routing/L3/text/entropy"}
+
+
+def test_plot_and_errors(routed, tmp_path):
+    config, stats, *_ = routed
+    path = plot_routing(stats.summary(), tmp_path / "routing.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="MoE layers"):
+        stats.update((torch.zeros(3, 4),), torch.zeros(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dense"):
+        plot_routing([], tmp_path / "dense.png")
