@@ -9,10 +9,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 
 from .configuration import AsyMoEConfig
-from .processing import AsyMoEProcessor
+from .processing import DEFAULT_CHAT_TEMPLATE, AsyMoEProcessor
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 CHAT_WORDS = ["USER", "ASSISTANT", ":", "system", "?", ".", ","]
@@ -76,10 +84,41 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, moe_variant: str = "asymoe",
     )
 
 
+def _image_processor(size: int) -> CLIPImageProcessorPil:
+    """Resize + center-crop to `size`, CLIP normalisation."""
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
 def tiny_processor(config: AsyMoEConfig, tokenizer: PreTrainedTokenizerFast) -> AsyMoEProcessor:
-    """Processor matching `config`'s vision tower (resize + center-crop to its image size, CLIP normalisation)."""
-    size = config.vision_config.image_size
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-    )
+    """Processor matching `config`'s vision tower."""
+    image_processor = _image_processor(config.vision_config.image_size)
     return AsyMoEProcessor(image_processor, tokenizer, num_image_tokens=config.num_image_tokens)
+
+
+def tiny_llava(
+    tokenizer: PreTrainedTokenizerFast, **text_overrides
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The dense counterpart of `tiny_config`: a transformers LLaVA (Llama decoder, CLIP tower of the same sizes,
+    randomly initialised) and its `LlavaProcessor` with AsyMoE's LLaVA-1.5 chat template — a source to upcycle."""
+    text = {key: value for key, value in TINY_TEXT.items() if key != "num_experts_per_tok"}
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **{**text, **text_overrides},
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**{k: v for k, v in TINY_VISION.items() if k != "model_type"}),
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    processor = LlavaProcessor(
+        image_processor=_image_processor(TINY_VISION["image_size"]),
+        tokenizer=tokenizer,
+        patch_size=TINY_VISION["patch_size"],
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" feature strategy
+        chat_template=DEFAULT_CHAT_TEMPLATE,
+    )
+    return LlavaForConditionalGeneration(config), processor
