@@ -897,7 +897,10 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
 
 def _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, past_key_values) -> torch.Tensor | None:
     """A forward that continues a cache without images (a decoding step) holds generated tokens: all text, even
-    `<image>` ids. Otherwise the given `mm_token_type_ids` (None: image positions are the `<image>` ids)."""
+    `<image>` ids. Otherwise the given `mm_token_type_ids` (None: image positions are the `<image>` ids), cut to
+    the positions of this forward (transformers < 5.2x passes the whole sequence's ids to decoding steps)."""
+    if mm_token_type_ids is not None and input_ids is not None and mm_token_type_ids.shape[-1] > input_ids.shape[-1]:
+        return mm_token_type_ids[..., -input_ids.shape[-1]:]
     if (
         mm_token_type_ids is None and input_ids is not None and pixel_values is None
         and past_key_values is not None and past_key_values.get_seq_length() > 0
