@@ -1,0 +1,56 @@
+"""MME: per-subtask accuracy and accuracy+ (both questions of an image right), scores and the two totals."""
+
+from collections import defaultdict
+
+import datasets
+import evaluate
+
+from asymoe.eval.answers import check_lengths, yes_no_strict
+
+PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
+COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+_KWARGS = """
+Args:
+    predictions (`list[str]`): answers; "yes"/"no" read from the start, anything else is wrong.
+    references (`list[str]`): "Yes" or "No".
+    question_ids (`list[str]`): the image each question is about (MME asks two questions per image).
+    categories (`list[str]`): the subtask of each question (MME's 14 names, e.g. "existence", "OCR").
+Returns:
+    `<subtask>/acc`, `<subtask>/acc_plus` in [0, 1], `<subtask>/score` = 100·(acc + acc_plus) in [0, 200],
+    `perception` and `cognition`: sums of the subtask scores of each group that is present.
+"""
+
+_CITATION = """@article{fu2023mme, title={MME: A Comprehensive Evaluation Benchmark for Multimodal Large Language
+Models}, author={Fu, Chaoyou and others}, journal={arXiv:2306.13394}, year={2023}}"""
+
+
+class MME(evaluate.Metric):
+    def _info(self):
+        text = datasets.Value("string")
+        return evaluate.MetricInfo(
+            description="MME perception and cognition scores.",
+            citation=_CITATION,
+            inputs_description=_KWARGS,
+            features=datasets.Features({"predictions": text, "references": text}),
+        )
+
+    def _compute(self, predictions, references, question_ids=None, categories=None):
+        if question_ids is None or categories is None:
+            raise ValueError("MME needs question_ids (the image of each question) and categories (its subtask).")
+        check_lengths(predictions=predictions, references=references, question_ids=question_ids, categories=categories)
+        if unknown := sorted(set(categories) - set(PERCEPTION) - set(COGNITION)):
+            raise ValueError(f"unknown MME subtasks {unknown}; expected {PERCEPTION + COGNITION}.")
+        right = defaultdict(list)  # (subtask, image) -> [correct per question]
+        for prediction, reference, image, subtask in zip(predictions, references, question_ids, categories):
+            right[subtask, image].append(yes_no_strict(prediction) == reference.strip().lower())
+        results, totals = {}, {"perception": 0.0, "cognition": 0.0}
+        for subtask in sorted({s for s, _ in right}):
+            images = [marks for (s, _), marks in right.items() if s == subtask]
+            acc = sum(sum(m) for m in images) / sum(len(m) for m in images)
+            acc_plus = sum(all(m) for m in images) / len(images)
+            results[f"{subtask}/acc"] = acc
+            results[f"{subtask}/acc_plus"] = acc_plus
+            results[f"{subtask}/score"] = 100 * (acc + acc_plus)
+            totals["perception" if subtask in PERCEPTION else "cognition"] += 100 * (acc + acc_plus)
+        return {**results, **totals}

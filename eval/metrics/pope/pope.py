@@ -1,0 +1,48 @@
+"""POPE object-hallucination metrics: accuracy, precision, recall, F1 (positive = "yes") and the yes ratio."""
+
+import datasets
+import evaluate
+
+from asymoe.eval.answers import check_lengths, yes_no
+
+_KWARGS = """
+Args:
+    predictions (`list[str]`): free-form answers; the first sentence counts as "no" if it contains no/not.
+    references (`list[str]`): "yes" or "no".
+Returns:
+    accuracy, precision, recall, f1, yes_ratio (`float`, in [0, 1]).
+"""
+
+_CITATION = """@inproceedings{li2023evaluating, title={Evaluating Object Hallucination in Large Vision-Language
+Models}, author={Li, Yifan and others}, booktitle={EMNLP}, year={2023}}"""
+
+
+class Pope(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="POPE: yes/no object-existence questions scored as binary classification.",
+            citation=_CITATION,
+            inputs_description=_KWARGS,
+            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+        )
+
+    def _compute(self, predictions, references):
+        count = check_lengths(predictions=predictions, references=references)
+        truth = [r.strip().lower() for r in references]
+        if bad := sorted({r for r in truth if r not in ("yes", "no")}):
+            raise ValueError(f"POPE references must be 'yes' or 'no', got {bad}.")
+        said = [yes_no(p) for p in predictions]
+        tp = sum(s == "yes" and t == "yes" for s, t in zip(said, truth))
+        fp = sum(s == "yes" and t == "no" for s, t in zip(said, truth))
+        fn = sum(s == "no" and t == "yes" for s, t in zip(said, truth))
+        tn = count - tp - fp - fn
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {
+            "accuracy": (tp + tn) / count,
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "yes_ratio": (tp + fp) / count,
+        }
