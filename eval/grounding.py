@@ -213,7 +213,7 @@ def vqa_features():
 
 def build_grounding(config: GroundingConfig | None = None):
     """The benchmark as a `datasets.DatasetDict` (splits: train, validation, test_prior, test_counter,
-    test_hierarchy), identical for the same config."""
+    test_hierarchy; those of size 0 left out), identical for the same config."""
     import datasets
 
     config = config or GroundingConfig()
@@ -222,8 +222,11 @@ def build_grounding(config: GroundingConfig | None = None):
              "test_counter": config.test_size, "test_hierarchy": config.test_size}
     splits = {}
     for split in SPLITS:
+        if not sizes[split]:  # a split of size 0 is left out (datasets cannot reload empty splits)
+            continue
         rows = _split_rows(config, split, sizes[split])
-        splits[split] = datasets.Dataset.from_list(rows, features=features)
+        columns = {name: [row[name] for row in rows] for name in features}  # also right for an empty split
+        splits[split] = datasets.Dataset.from_dict(columns, features=features)
     dataset = datasets.DatasetDict(splits)
     for split in dataset.values():
         split.info.description = json.dumps({"grounding_config": asdict(config)})

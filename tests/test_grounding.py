@@ -18,7 +18,7 @@ from asymoe.eval.grounding import (
 )
 from asymoe.tiny import build_tokenizer
 
-SMALL = dict(train_size=800, validation_size=40, test_size=96)
+SMALL = dict(train_size=800, validation_size=0, test_size=96)
 
 
 @pytest.fixture(scope="module")
