@@ -398,7 +398,7 @@ class AsyMoEEvidenceReadout(nn.Module):
         key = repeat_kv(key, self.num_key_value_groups)
         value = repeat_kv(value, self.num_key_value_groups)
         scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * self.head_dim**-0.5
-        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)  # bf16 under autocast
         weights = F.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)
         readout = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).reshape(batch, seq, -1)
         gate = torch.sigmoid(self.gate(torch.cat([hidden_states, readout], dim=-1)))

@@ -5,6 +5,8 @@ This file is part of the Hub bundle: it imports only transformers and its bundle
 
 from __future__ import annotations
 
+import bisect
+
 from pathlib import Path
 
 from transformers import BatchFeature, ProcessorMixin
@@ -95,7 +97,14 @@ class AsyMoEProcessor(ProcessorMixin):
         if flat_images:
             data.update(self.image_processor(flat_images, return_tensors=return_tensors, **image_kwargs))
         expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
-        text_inputs = self.tokenizer(expanded, **kwargs)
+        if kwargs.get("return_offsets_mapping"):
+            # Offsets of the text as given, not as expanded: what chat templates' assistant masks are computed on.
+            text_inputs = self.tokenizer(expanded, **{k: v for k, v in kwargs.items() if k != "return_tensors"})
+            text_inputs["offset_mapping"] = [
+                self._original_offsets(t, offsets) for t, offsets in zip(texts, text_inputs["offset_mapping"])
+            ]
+        else:
+            text_inputs = self.tokenizer(expanded, **kwargs)
         data.update(text_inputs)
         if return_mm_token_type_ids:
             ids = text_inputs["input_ids"]
@@ -104,6 +113,22 @@ class AsyMoEProcessor(ProcessorMixin):
             else:
                 data["mm_token_type_ids"] = [[int(i == self.image_token_id) for i in row] for row in ids]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _original_offsets(self, text: str, offsets: list) -> list[tuple[int, int]]:
+        """Map character offsets in the expanded `text` back to `text`: a token inside the i-th expanded
+        placeholder maps onto that placeholder, later tokens shift back by the characters the expansion added."""
+        width = len(self.image_token)
+        gained = width * (self.num_image_tokens - 1)
+        starts = [i for i in range(len(text)) if text.startswith(self.image_token, i)]
+        expanded_starts = [s + n * gained for n, s in enumerate(starts)]
+
+        def back(char: int, is_end: bool) -> int:
+            n = bisect.bisect_right(expanded_starts, char - 1 if is_end else char)
+            if n and char - expanded_starts[n - 1] <= width * self.num_image_tokens - (0 if is_end else 1):
+                return starts[n - 1] + (width if is_end else 0)  # inside the n-th placeholder's expansion
+            return char - n * gained
+
+        return [(back(start, False), back(end, True)) if end > start else (start, end) for start, end in offsets]
 
     @property
     def model_input_names(self) -> list[str]:

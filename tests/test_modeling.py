@@ -340,6 +340,17 @@ def test_half_precision_forward_is_finite(dtype, make_model, make_inputs):
     assert all(r.dtype == torch.float32 for r in out.router_logits)  # routing stays fp32
 
 
+def test_bf16_autocast_training_step(make_model, make_inputs):
+    """fp32 weights under bf16 autocast (what Trainer's `bf16=True` does): masks must fit the autocast dtype."""
+    model = wake(make_model("asymoe"), std=0.1).train()
+    inputs, labels = train_batch(make_inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs, labels=labels, output_router_logits=True)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Generation.
 
