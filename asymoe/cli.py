@@ -102,7 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-report", dest="report", action="store_false",
                     help="skip the deviation report (it loads the source and the result, one at a time, in fp32)")
     up.set_defaults(func=_upcycle)
+    for name, module in (("grounding", "asymoe.eval.grounding"), ("eval", "asymoe.eval.runner")):
+        _add_module_command(commands, name, module)
     return parser
+
+
+def _add_module_command(commands, name: str, module_name: str) -> None:
+    """A subcommand whose arguments and body live in `module_name` (`configure_parser`, `run`)."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    command = commands.add_parser(name, help=module.run.__doc__, description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.configure_parser(command)
+    command.set_defaults(func=module.run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase ."
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 FORMATS = ("messages", "llava", "vqa")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

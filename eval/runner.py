@@ -1,0 +1,162 @@
+"""`asymoe eval`: batched greedy generation over benchmark tasks for any transformers image-text-to-text model,
+scored with the shipped `evaluate` modules; results as JSON + markdown (+ model-card `model-index`)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .tasks import TASKS, Task, load_rows, resolve_tasks, score
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
+@torch.no_grad()
+def generate_answers(model, processor, task: Task, rows: list[dict], batch_size: int = 8,
+                     max_new_tokens: int = 16, progress: bool = True) -> list[str]:
+    """Greedy answers to the task's prompts, batched with left padding; only the new tokens, decoded and stripped."""
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError("the processor has no chat template: save one with the processor (chat_template.jinja).")
+    device = next(model.parameters()).device
+    answers = []
+    for start in tqdm(range(0, len(rows), batch_size), desc=task.name, disable=not progress, unit="batch"):
+        batch = rows[start:start + batch_size]
+        prompts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": task.prompt(row)}]}],
+            add_generation_prompt=True) for row in batch]
+        images = [task.images(row) for row in batch]
+        inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return answers
+
+
+def evaluate_model(model, processor, tasks: list[str], data: dict[str, str] | None = None, limit: int | None = None,
+                   batch_size: int = 8, max_new_tokens: int = 16, output_dir: str | os.PathLike | None = None,
+                   progress: bool = True) -> dict:
+    """Run `tasks` (names or groups) and score them; with `output_dir`, write results.json, results.md and one
+    `<task>.predictions.jsonl` per task (atomically). Returns {task: {"metrics": ..., "n": ...}}."""
+    data = data or {}
+    model.eval()
+    results = {}
+    for task in resolve_tasks(tasks):
+        rows = list(load_rows(task, data.get(task.data_key or task.name), limit))
+        predictions = generate_answers(model, processor, task, rows, batch_size, max_new_tokens, progress)
+        results[task.name] = {"metrics": score(task, predictions, rows), "n": len(rows)}
+        if output_dir is not None:
+            lines = [json.dumps({"prompt": task.prompt(r), "prediction": p, "reference": task.reference(r)},
+                                default=str) for r, p in zip(rows, predictions)]
+            _atomic_write(Path(output_dir) / f"{task.name}.predictions.jsonl", "\n".join(lines) + "\n")
+    return results
+
+
+def markdown_table(results: dict, headline_only: bool = False) -> str:
+    """One row per task and metric (headline metrics only: no per-category breakdown)."""
+    lines = ["| task | n | metric | value |", "|---|---|---|---|"]
+    for name, entry in results.items():
+        for metric, value in entry["metrics"].items():
+            if headline_only and "/" in metric and "=" in metric:
+                continue
+            shown = f"{value:.2f}" if TASKS[name].metric == "mme" else f"{100 * value:.1f}"
+            lines.append(f"| {name} | {entry['n']} | {metric} | {shown} |")
+    return "\n".join(lines) + "\n\nMME: scores in MME points; all other metrics in %.\n"
+
+
+def update_model_card(model_dir: str | os.PathLike, results: dict, model_name: str) -> Path:
+    """Write the headline metrics into the model card's `model-index` (README.md in `model_dir`), keeping the rest."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    path = Path(model_dir) / "README.md"
+    card = ModelCard.load(path) if path.is_file() else ModelCard(f"---\n---\n# {model_name}\n")
+    data = card.data if isinstance(card.data, ModelCardData) else ModelCardData(**card.data.to_dict())
+    task_names = set(results)
+    kept = [r for r in (data.eval_results or []) if r.dataset_type not in task_names]
+    for name, entry in results.items():
+        for metric, value in entry["metrics"].items():
+            if "=" in metric:
+                continue
+            kept.append(EvalResult(task_type="visual-question-answering", dataset_type=name, dataset_name=name,
+                                   metric_type=metric, metric_value=round(float(value), 4)))
+    data.eval_results = kept
+    data.model_name = data.model_name or model_name
+    card.data = data
+    _atomic_write(path, str(card))
+    return path
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="model directory or Hub id (any image-text-to-text model)")
+    parser.add_argument("--tasks", required=True,
+                        help=f"comma-separated tasks or groups (grounding, standard); tasks: {', '.join(TASKS)}")
+    parser.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
+                        help="local copy of a task's data (repeatable); grounding=DIR for the grounding benchmark")
+    parser.add_argument("--limit", type=int, help="first N examples per task")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--output", default="outputs/eval", help="results directory (default: %(default)s)")
+    parser.add_argument("--update-model-card", action="store_true", help="write model-index into MODEL/README.md")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate MODEL on the tasks and write results.json + results.md."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        data = dict(item.split("=", 1) for item in args.data)
+    except ValueError:
+        print(f"asymoe eval: error: --data takes TASK=PATH, got {args.data}", file=sys.stderr)
+        return 2
+    try:
+        resolve_tasks([t for t in args.tasks.split(",") if t])
+        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True,
+                                                            dtype=DTYPES[args.dtype]).to(args.device)
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+        output = Path(args.output)
+        results = evaluate_model(model, processor, [t for t in args.tasks.split(",") if t], data, args.limit,
+                                 args.batch_size, args.max_new_tokens, output)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"asymoe eval: error: {err}", file=sys.stderr)
+        return 2
+    import transformers
+
+    record = {
+        "model": args.model, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "asymoe eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None,
+        "settings": {"limit": args.limit, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+                     "device": args.device, "dtype": args.dtype, "data": data},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "results": results,
+    }
+    _atomic_write(output / "results.json", json.dumps(record, indent=2))
+    table = markdown_table(results)
+    _atomic_write(output / "results.md", f"# {args.model}\n\n{table}")
+    print(markdown_table(results, headline_only=True))
+    print(f"wrote {output / 'results.json'} and {output / 'results.md'}")
+    if args.update_model_card:
+        print(f"updated {update_model_card(args.model, results, Path(args.model).name)}")
+    return 0

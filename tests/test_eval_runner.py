@@ -1,0 +1,110 @@
+"""`asymoe eval`: every task runs on its local fixture (public-schema parquet) offline with a tiny AsyMoE and a
+tiny transformers LLaVA; each task's scoring equals hand-computed values on crafted predictions."""
+
+import json
+
+import pytest
+import torch
+
+from asymoe.cli import main as cli_main
+from asymoe.eval.easy_vqa import easy_vqa_vocabulary
+from asymoe.eval.grounding import GroundingConfig, build_grounding, grounding_vocabulary, save_grounding
+from asymoe.eval.runner import update_model_card
+from asymoe.eval.tasks import TASKS, load_rows, resolve_tasks, score
+from asymoe.finetune.data import SHORT_ANSWER_PROMPT
+from asymoe import AsyMoEForConditionalGeneration
+from asymoe.tiny import build_tokenizer, tiny_config, tiny_llava, tiny_processor
+
+from fixtures_eval import ROWS, write_fixtures
+
+WORDS = grounding_vocabulary() + easy_vqa_vocabulary() + SHORT_ANSWER_PROMPT.split() + "yes no A B C".split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    data = {task: str(path) for task, path in write_fixtures(root / "fixtures").items()}
+    save_grounding(build_grounding(GroundingConfig(train_size=0, validation_size=0, test_size=8)), root / "grounding")
+    data["grounding"] = str(root / "grounding")
+    tokenizer = build_tokenizer(WORDS)
+    torch.manual_seed(0)
+    config = tiny_config(tokenizer)
+    AsyMoEForConditionalGeneration(config).save_pretrained(root / "asymoe")
+    tiny_processor(config, tokenizer).save_pretrained(root / "asymoe")
+    dense, processor = tiny_llava(tokenizer)
+    dense.save_pretrained(root / "llava")
+    processor.save_pretrained(root / "llava")
+    return root, data
+
+
+@pytest.mark.parametrize("model", ["asymoe", "llava"])
+def test_every_task_runs_offline(setup, model):
+    root, data = setup
+    output = root / f"results-{model}"
+    args = ["eval", str(root / model), "--tasks", "standard,grounding,easy_vqa", "--limit", "4",
+            "--batch-size", "3", "--max-new-tokens", "3", "--output", str(output)]
+    for task, path in data.items():
+        args += ["--data", f"{task}={path}"]
+    assert cli_main(args) == 0
+    record = json.loads((output / "results.json").read_text())
+    assert set(record["results"]) == set(TASKS)
+    for name, entry in record["results"].items():
+        assert entry["n"] == min(4, len(ROWS.get(name, [None] * 8)))
+        lines = (output / f"{name}.predictions.jsonl").read_text().splitlines()
+        assert len(lines) == entry["n"]
+        top = 800 if name == "mme" else 1  # MME: points (perception sums up to 10 subtasks of 200)
+        assert all(0 <= value <= top for value in entry["metrics"].values())
+    assert "| vqav2 |" in (output / "results.md").read_text()
+
+
+# Crafted predictions per task, and the metrics they must give (hand-computed in the comments).
+CRAFTED = {
+    # Q1 all 10 said red: 1. Q2 "two" -> "2": 4 of 10 said 2 -> leave-one-out: 4 subsets without a "2" keep 3
+    # matches (1), ... all 10 subsets keep >= 3 matches -> 1. Mean 1.0. Then a wrong answer to Q2 -> 0.5.
+    "vqav2": (["Red.", "two"], {"vqa_accuracy": 1.0}),
+    "gqa": (["Yes", "red"], {"exact_match": 0.5}),
+    # Q2: "acme" said by 3 of 10 -> each subset leaving one "acme" out keeps 2 (2/3, 3 times), others 3 (1, 7
+    # times): (3 * 2/3 + 7) / 10 = 0.9. Q1 wrong: 0. Mean 0.45.
+    "textvqa": (["go", "acme"], {"vqa_accuracy": 0.45}),
+    "vizwiz": (["Unanswerable", "green"], {"vqa_accuracy": 1.0}),
+    "scienceqa_img": (["A", "grass"], {"accuracy": 0.5}),  # "grass" is option C, the answer is B
+    # said yes, yes | truth yes, no -> tp 1, fp 1: acc .5, precision .5, recall 1, f1 2/3, yes ratio 1.
+    "pope": (["Yes", "yes, there is"], {"accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": 2 / 3,
+                                         "yes_ratio": 1.0}),
+    # color: both right -> 200; OCR: one right -> acc .5, acc+ 0 -> 50. perception 250.
+    "mme": (["Yes", "No", "Yes", "Yes"], {"color/score": 200.0, "OCR/score": 50.0, "perception": 250.0}),
+    "mmbench": (["A", "The answer is B"], {"accuracy": 0.5, "circular_accuracy": 0.5}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CRAFTED))
+def test_scoring_matches_hand_computed(setup, name):
+    root, data = setup
+    task = TASKS[name]
+    rows = list(load_rows(task, data[name]))
+    predictions, expected = CRAFTED[name]
+    result = score(task, predictions, rows)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value), key
+
+
+def test_grounding_breakdown(setup):
+    root, data = setup
+    task = TASKS["grounding_hierarchy"]
+    rows = list(load_rows(task, data["grounding"]))
+    predictions = [r["answer"] if r["level"] == "leaf" else "wrong" for r in rows]
+    result = score(task, predictions, rows)
+    assert result["exact_match"] == 0.5
+    assert result["exact_match/level=leaf"] == 1.0 and result["exact_match/level=family"] == 0.0
+
+
+def test_model_card_and_errors(setup, tmp_path):
+    root, _ = setup
+    card = update_model_card(root / "asymoe", {"gqa": {"metrics": {"exact_match": 0.5}, "n": 2}}, "tiny")
+    text = card.read_text()
+    assert "model-index" in text and "exact_match" in text
+    with pytest.raises(ValueError, match="unknown task"):
+        resolve_tasks(["vqa"])
+    with pytest.raises(ValueError, match="--data grounding=PATH"):
+        load_rows(TASKS["grounding_prior"], None)
+    assert cli_main(["eval", str(root / "asymoe"), "--tasks", "nope", "--output", str(tmp_path)]) == 2
