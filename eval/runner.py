@@ -31,7 +31,10 @@ def _atomic_write(path: Path, text: str) -> None:
 def generate_answers(model, processor, task: Task, rows: list[dict], batch_size: int = 8,
                      max_new_tokens: int = 16, progress: bool = True) -> list[str]:
     """Greedy answers to the task's prompts, batched with left padding; only the new tokens, decoded and stripped."""
-    tokenizer = processor.tokenizer
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(f"{type(processor).__name__} has no tokenizer: evaluation needs a multimodal processor "
+                         "(image processor + tokenizer + chat template).")
     tokenizer.padding_side = "left"
     if getattr(processor, "chat_template", None) is None:
         raise ValueError("the processor has no chat template: save one with the processor (chat_template.jinja).")
@@ -79,9 +82,10 @@ def markdown_table(results: dict, headline_only: bool = False) -> str:
         for metric, value in entry["metrics"].items():
             if headline_only and "/" in metric and "=" in metric:
                 continue
-            shown = f"{value:.2f}" if TASKS[name].metric == "mme" else f"{100 * value:.1f}"
+            points = TASKS[name].metric == "mme" and not metric.endswith(("/acc", "/acc_plus"))
+            shown = f"{value:.2f}" if points else f"{100 * value:.1f}"
             lines.append(f"| {name} | {entry['n']} | {metric} | {shown} |")
-    return "\n".join(lines) + "\n\nMME: scores in MME points; all other metrics in %.\n"
+    return "\n".join(lines) + "\n\nMME scores and totals in MME points; all other metrics in %.\n"
 
 
 def update_model_card(model_dir: str | os.PathLike, results: dict, model_name: str) -> Path:
@@ -131,7 +135,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"asymoe eval: error: --data takes TASK=PATH, got {args.data}", file=sys.stderr)
         return 2
     try:
-        resolve_tasks([t for t in args.tasks.split(",") if t])
+        tasks = resolve_tasks([t for t in args.tasks.split(",") if t])
+        keys = {task.data_key or task.name for task in tasks}
+        if unknown := sorted(set(data) - keys):
+            raise ValueError(f"--data given for {unknown}, which the tasks {[t.name for t in tasks]} do not read "
+                             f"(their keys: {sorted(keys)}).")
+        for key, path in data.items():
+            if not Path(path).exists():
+                raise FileNotFoundError(f"--data {key}={path}: no such file or directory.")
         model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True,
                                                             dtype=DTYPES[args.dtype]).to(args.device)
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)

@@ -40,6 +40,12 @@ def _mmbench_options(row: dict) -> list[str]:
     return options
 
 
+def _with_ocr(row: dict) -> str:
+    """LLaVA-1.5's TextVQA question: the OCR tokens of the image follow the question."""
+    tokens = row.get("ocr_tokens") or []
+    return f"{row['question']}\nReference OCR token: {', '.join(tokens)}" if tokens else row["question"]
+
+
 def _with_hint(hint, text: str) -> str:
     hint = "" if hint is None or str(hint).strip() in ("", "nan", "None") else str(hint).strip()
     return f"{hint}\n{text}" if hint else text
@@ -78,7 +84,7 @@ TASKS: dict[str, Task] = {task.name: task for task in [
          hub=("lmms-lab/VQAv2", None, "validation")),
     Task("gqa", "exact_match", lambda r: _short(r["question"]), lambda r: r["answer"],
          hub=("lmms-lab/GQA", "testdev_balanced_instructions", "testdev")),
-    Task("textvqa", "vqa_accuracy", lambda r: _short(r["question"]), _vqa_answers,
+    Task("textvqa", "vqa_accuracy", lambda r: _short(_with_ocr(r)), _vqa_answers,
          hub=("lmms-lab/textvqa", None, "validation")),
     Task("vizwiz", "vqa_accuracy", lambda r: f"{r['question']}\n{VIZWIZ_PROMPT}\n{SHORT_ANSWER_PROMPT}",
          _vqa_answers, hub=("lmms-lab/VizWiz-VQA", None, "val")),
@@ -89,7 +95,7 @@ TASKS: dict[str, Task] = {task.name: task for task in [
          metric_inputs=lambda rows: {"options": [list(r["choices"]) for r in rows]}),
     Task("pope", "pope", lambda r: _short(r["question"]), lambda r: r["answer"].strip().lower(),
          hub=("lmms-lab/POPE", None, "test"), breakdown=("category",)),
-    Task("mme", "mme", lambda r: _short(r["question"]), lambda r: r["answer"],
+    Task("mme", "mme", lambda r: _short(r["question"].replace(" Please answer yes or no.", "")), lambda r: r["answer"],
          hub=("lmms-lab/MME", None, "test"),
          metric_inputs=lambda rows: {"question_ids": [r["question_id"] for r in rows],
                                      "categories": [r["category"] for r in rows]}),
@@ -97,7 +103,7 @@ TASKS: dict[str, Task] = {task.name: task for task in [
          lambda r: _with_hint(r.get("hint"), f"{r['question']}\n{_options_block(_mmbench_options(r))}\n{CHOICE_PROMPT}"),
          lambda r: r["answer"], hub=("lmms-lab/MMBench", "en", "dev"),
          metric_inputs=lambda rows: {"options": [_mmbench_options(r) for r in rows],
-                                     "question_ids": [str(r["index"]) for r in rows]}),
+                                     "question_ids": [str(int(r["index"]) % 1_000_000) for r in rows]}),
     _grounding("test_prior"),
     _grounding("test_counter"),
     _grounding("test_hierarchy"),
@@ -133,7 +139,10 @@ def load_rows(task: Task, path: str | os.PathLike | None = None, limit: int | No
         source = Path(path)
         if (source / "dataset_dict.json").is_file():
             dataset = datasets.load_from_disk(str(source))
-            split = task.split or ("test" if "test" in dataset else next(iter(dataset)))
+            split = task.split or (next(iter(dataset)) if len(dataset) == 1 else None)
+            if split not in dataset:
+                raise ValueError(f"{source} holds splits {list(dataset)}; task {task.name} needs "
+                                 f"{split or 'a single split'}: save that split alone.")
             dataset = dataset[split]
         elif (source / "dataset_info.json").is_file():
             dataset = datasets.load_from_disk(str(source))
@@ -152,7 +161,11 @@ def load_rows(task: Task, path: str | os.PathLike | None = None, limit: int | No
         dataset = load_easy_vqa("test", limit=limit)
     elif task.hub is not None:
         repo, config, split = task.hub
-        dataset = datasets.load_dataset(repo, config, split=split)
+        try:
+            dataset = datasets.load_dataset(repo, config, split=split)
+        except Exception as err:  # offline, missing access, ...: say how to run from a local copy
+            raise ValueError(f"could not load {repo} ({config}, {split}) for task {task.name}: {err}. Download a "
+                             f"copy and pass --data {task.name}=PATH.") from err
         if task.name == "gqa":  # GQA keeps images in a separate config, keyed by imageId
             images = datasets.load_dataset(repo, "testdev_balanced_images", split=split)
             by_id = dict(zip(images["id"], range(len(images))))

@@ -65,11 +65,15 @@ ROWS = {
          "answer": "No", "category": "OCR"},
     ],
     "mmbench": [
-        {"index": 0, "question": "which color ?", "hint": "an image", "A": "red", "B": "blue", "C": None, "D": None,
+        {"index": "0", "question": "which color ?", "hint": "an image", "A": "red", "B": "blue", "C": None, "D": None,
          "answer": "A", "category": "attribute", "image": _image("red"), "source": "x", "L2-category": "fine",
          "comment": "", "split": "dev"},
-        {"index": 1, "question": "which shape ?", "hint": None, "A": "circle", "B": "square", "C": "star",
+        {"index": "1", "question": "which shape ?", "hint": None, "A": "circle", "B": "square", "C": "star",
          "D": None, "answer": "C", "category": "attribute", "image": _image("red"), "source": "x",
+         "L2-category": "fine", "comment": "", "split": "dev"},
+        # The same question with its options shifted (circular evaluation): index + 1,000,000.
+        {"index": "1000000", "question": "which color ?", "hint": "an image", "A": "blue", "B": "red", "C": None,
+         "D": None, "answer": "B", "category": "attribute", "image": _image("red"), "source": "x",
          "L2-category": "fine", "comment": "", "split": "dev"},
     ],
 }

@@ -73,7 +73,9 @@ CRAFTED = {
                                          "yes_ratio": 1.0}),
     # color: both right -> 200; OCR: one right -> acc .5, acc+ 0 -> 50. perception 250.
     "mme": (["Yes", "No", "Yes", "Yes"], {"color/score": 200.0, "OCR/score": 50.0, "perception": 250.0}),
-    "mmbench": (["A", "The answer is B"], {"accuracy": 0.5, "circular_accuracy": 0.5}),
+    # Rows: q0 right (A), q1 wrong (B, answer C), q0 shifted right (B): accuracy 2/3; circular: q0 all right,
+    # q1 not -> 1/2.
+    "mmbench": (["A", "The answer is B", "B"], {"accuracy": 2 / 3, "circular_accuracy": 0.5}),
 }
 
 
@@ -108,3 +110,8 @@ def test_model_card_and_errors(setup, tmp_path):
     with pytest.raises(ValueError, match="--data grounding=PATH"):
         load_rows(TASKS["grounding_prior"], None)
     assert cli_main(["eval", str(root / "asymoe"), "--tasks", "nope", "--output", str(tmp_path)]) == 2
+    assert cli_main(["eval", str(root / "asymoe"), "--tasks", "gqa", "--data", "vqav2=x", "--output",
+                     str(tmp_path)]) == 2
+    assert cli_main(["eval", str(root / "asymoe"), "--tasks", "gqa", "--data", f"gqa={tmp_path / 'missing'}",
+                     "--output", str(tmp_path)]) == 2
+    assert TASKS["textvqa"].prompt(ROWS["textvqa"][0]).startswith("what is written ?\nReference OCR token: stop\n")
