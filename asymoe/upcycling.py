@@ -21,9 +21,11 @@ expanded expert by expert. Peak memory is therefore about one layer's FFN plus o
 one source shard, never two models. Everything is written into a temporary directory next to the output and moved
 into place with one `os.replace` at the end: a crash leaves no valid-looking checkpoint at the destination.
 
-Supported sources: transformers `LlavaForConditionalGeneration` checkpoints (any key layout transformers has used)
-with a Llama, Mistral, Qwen2 or Qwen3 language model and a CLIP or SigLIP vision tower. LLaVA-NeXT / OneVision need
-anyres image features, which AsyMoE does not have yet: they fail with a clear error.
+Supported sources: transformers `LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration` and
+`LlavaOnevisionForConditionalGeneration` checkpoints (any key layout transformers has used) with a Llama, Mistral,
+Qwen2 or Qwen3 language model and a CLIP or SigLIP vision tower. LLaVA-NeXT / OneVision sources keep their anyres
+image features (tiles, unpadding, `image_newline`, OneVision's `vision_aspect_ratio` pooling); OneVision videos are
+not supported (image inputs only).
 """
 
 from __future__ import annotations
@@ -47,18 +49,20 @@ import torch
 from torch import nn
 
 from .configuration import AsyMoEConfig, AsyMoETextConfig, ExpertLayout
-from .configuration.configuration_asymoe import write_remote_code
+from .configuration.configuration_asymoe import anyres_layout, write_remote_code
 from .modeling import AsyMoEForConditionalGeneration
 from .modeling import modeling_asymoe as _modeling_module
 
-SUPPORTED_SOURCE = "LlavaForConditionalGeneration (model_type 'llava')"
-SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_VISION_MODELS = ("clip_vision_model", "siglip_vision_model")
-NOT_SUPPORTED_YET = {
+# model_type -> architecture of the sources upcycling reads.
+SOURCE_ARCHITECTURES = {
+    "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "llava_next_video": "LlavaNextVideoForConditionalGeneration",
 }
+SUPPORTED_SOURCE = "/".join(SOURCE_ARCHITECTURES.values())
+SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_VISION_MODELS = ("clip_vision_model", "siglip_vision_model")
+NOT_SUPPORTED_YET = {"llava_next_video": "LlavaNextVideoForConditionalGeneration"}
 MODES = ("copy", "partition")
 
 # Fields of the dense architecture: they come from the source and cannot be overridden.
@@ -82,6 +86,8 @@ _SAFETENSORS_DTYPES = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 _TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+# What the processors return that the models take (OneVision's `batch_num_images` included).
+_MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images")
 
 # Source keys of the dense FFN pieces, after the key layout is normalised.
 _MLP_KEY = re.compile(r"^model\.language_model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -125,7 +131,8 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> tu
 
 
 def load_source_config(directory: str | os.PathLike):
-    """The source's `LlavaConfig`, after checking that it is a source this module can upcycle."""
+    """The source's `LlavaConfig` / `LlavaNextConfig` / `LlavaOnevisionConfig`, after checking that it is a source
+    this module can upcycle."""
     from transformers import AutoConfig
 
     directory = Path(directory)
@@ -140,11 +147,11 @@ def load_source_config(directory: str | os.PathLike):
     architectures = raw.get("architectures") or []
     if model_type in NOT_SUPPORTED_YET:
         raise ValueError(
-            f"{NOT_SUPPORTED_YET[model_type]} sources (model_type {model_type!r}) are not supported yet: they need "
-            f"anyres image features (image_newline, per-tile features), which AsyMoE does not implement yet. "
-            f"Supported now: {SUPPORTED_SOURCE} with a {'/'.join(SUPPORTED_TEXT_MODELS)} language model."
+            f"{NOT_SUPPORTED_YET[model_type]} sources (model_type {model_type!r}) are not supported: AsyMoE takes "
+            f"images, not videos. Supported: {SUPPORTED_SOURCE} with a {'/'.join(SUPPORTED_TEXT_MODELS)} language "
+            "model."
         )
-    if model_type != "llava":
+    if model_type not in SOURCE_ARCHITECTURES:
         raise ValueError(
             f"cannot upcycle model_type {model_type!r} (architectures {architectures}): supported sources are "
             f"{SUPPORTED_SOURCE} with a {'/'.join(SUPPORTED_TEXT_MODELS)} language model and a "
@@ -204,7 +211,8 @@ def asymoe_config_from_llava(
     num_slices: int | None = None,
     **text_overrides,
 ) -> AsyMoEConfig:
-    """Map a `LlavaConfig` (Llama/Mistral/Qwen2/Qwen3 backbone) to an `AsyMoEConfig` with the same architecture.
+    """Map a LLaVA / LLaVA-NeXT / OneVision config (Llama/Mistral/Qwen2/Qwen3 backbone) to an `AsyMoEConfig` with
+    the same architecture (anyres settings included).
 
     `experts` = (vision, text, inter, evidence) experts per MoE layer; `text_overrides` set MoE fields of the text
     config (`moe_layers`, `num_experts_per_tok`, `evidence_layers`, `manifold`, ...). In `"partition"` mode the
@@ -277,6 +285,8 @@ def asymoe_config_from_llava(
         vision_feature_select_strategy=source_config.vision_feature_select_strategy,
         vision_feature_layer=source_config.vision_feature_layer,
         multimodal_projector_bias=getattr(source_config, "multimodal_projector_bias", True),
+        image_grid_pinpoints=getattr(source_config, "image_grid_pinpoints", None),
+        vision_aspect_ratio=getattr(source_config, "vision_aspect_ratio", None),
         tie_word_embeddings=tied,
     )
     config.architectures = ["AsyMoEForConditionalGeneration"]
@@ -525,12 +535,14 @@ _PREFIX_RULES = (
     ("model.multi_modal_projector.", "model.multi_modal_projector."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
     ("lm_head.", "lm_head."),
+    ("model.image_newline", "model.image_newline"),
+    ("image_newline", "model.image_newline"),
 )
 
 
 def normalise_key(key: str) -> str | None:
-    """A source key in the v5 `LlavaForConditionalGeneration` layout (old `language_model.model.*`,
-    `vision_tower.*`, `multi_modal_projector.*` top-level keys included); `None` if it belongs to no known part."""
+    """A source key in the v5 LLaVA(-NeXT/-OneVision) layout (old `language_model.model.*`, `vision_tower.*`,
+    `multi_modal_projector.*`, `image_newline` top-level keys included); `None` if it belongs to no known part."""
     for old, new in _PREFIX_RULES:
         if key.startswith(old):
             return new + key[len(old):]
@@ -716,8 +728,9 @@ _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokeni
 
 
 def convert_processor(source_directory: str | os.PathLike, config: AsyMoEConfig):
-    """The source's LLaVA processor as an `AsyMoEProcessor` (same tokenizer, image processor and chat template),
-    checked to expand `<image>` and preprocess images exactly like the source; `None` if the source has none."""
+    """The source's processor as an `AsyMoEProcessor` (same tokenizer, image processor and chat template; anyres
+    tiling for LLaVA-NeXT / OneVision), checked to expand `<image>` and preprocess images exactly like the source;
+    `None` if the source has none."""
     from transformers import AutoProcessor
 
     from .processing import AsyMoEProcessor
@@ -726,10 +739,16 @@ def convert_processor(source_directory: str | os.PathLike, config: AsyMoEConfig)
     if not any((directory / name).is_file() for name in _PROCESSOR_FILES):
         warnings.warn(f"{directory} has no processor/tokenizer files: the upcycled checkpoint gets no processor.")
         return None
+    model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
     try:
         source = AutoProcessor.from_pretrained(directory)
     except Exception as err:  # noqa: BLE001
-        raise ValueError(f"could not load the source processor from {directory}: {type(err).__name__}: {err}") from err
+        if model_type != "llava_onevision":
+            raise ValueError(
+                f"could not load the source processor from {directory}: {type(err).__name__}: {err}"
+            ) from err
+        # LlavaOnevisionProcessor also builds a video processor, which needs torchvision: use its image parts.
+        source = _onevision_image_processor_parts(directory, config, err)
     tokenizer = getattr(source, "tokenizer", None)
     image_processor = getattr(source, "image_processor", None)
     if tokenizer is None or image_processor is None:
@@ -741,12 +760,63 @@ def convert_processor(source_directory: str | os.PathLike, config: AsyMoEConfig)
             f"the source tokenizer maps {image_token!r} to id {tokenizer.convert_tokens_to_ids(image_token)}, but the "
             f"config's image_token_id is {config.image_token_id}."
         )
+    anyres = {}
+    if config.image_grid_pinpoints is not None:
+        anyres = {"image_grid_pinpoints": config.image_grid_pinpoints, "patch_size": config.vision_config.patch_size,
+                  "vision_aspect_ratio": config.vision_aspect_ratio}
     processor = AsyMoEProcessor(
         image_processor, tokenizer, num_image_tokens=config.num_image_tokens, image_token=image_token,
-        chat_template=getattr(source, "chat_template", None),
+        chat_template=getattr(source, "chat_template", None), **anyres,
     )
-    _check_same_processing(source, processor, config, image_token)
+    if isinstance(source, _ProcessorParts):
+        warnings.warn(
+            f"the source's LlavaOnevisionProcessor cannot be built here ({source.reason}); its image-token expansion "
+            "is reproduced from the model config and processor_config.json, not compared with the source's output."
+        )
+    else:
+        _check_same_processing(source, processor, config, image_token)
     return processor
+
+
+@dataclass
+class _ProcessorParts:
+    """The image-side parts of a source processor that could not be built as a whole."""
+
+    tokenizer: Any
+    image_processor: Any
+    chat_template: str | None
+    image_token: str | None
+    reason: str
+
+
+def _onevision_image_processor_parts(directory: Path, config: AsyMoEConfig, error: Exception) -> _ProcessorParts:
+    """Tokenizer, image processor and chat template of a OneVision checkpoint, checked against its model config."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    settings = {}
+    if (directory / "processor_config.json").is_file():
+        settings = json.loads((directory / "processor_config.json").read_text(encoding="utf-8"))
+    template = settings.get("chat_template")
+    if (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    base = settings.get("num_image_tokens")
+    if base is not None:
+        base -= int(settings.get("vision_feature_select_strategy", config.vision_feature_select_strategy) == "default")
+    if base not in (None, config.num_image_tokens) or settings.get(
+            "vision_aspect_ratio", config.vision_aspect_ratio) != config.vision_aspect_ratio:
+        raise ValueError(
+            f"{directory}/processor_config.json disagrees with config.json: the processor gives {base} base-tile "
+            f"image tokens and vision_aspect_ratio={settings.get('vision_aspect_ratio')!r}, the model "
+            f"{config.num_image_tokens} and {config.vision_aspect_ratio!r}."
+        )
+    return _ProcessorParts(
+        tokenizer=tokenizer,
+        image_processor=AutoImageProcessor.from_pretrained(directory),
+        chat_template=template or getattr(tokenizer, "chat_template", None),
+        image_token=settings.get("image_token"),
+        reason=f"{type(error).__name__}: {error}",
+    )
 
 
 def _probe_image(size: int, seed: int = 0):
@@ -766,10 +836,15 @@ def _check_same_processing(source, processor, config: AsyMoEConfig, image_token:
     if tuple(got["pixel_values"].shape[-2:]) != (size, size):
         raise ValueError(
             f"the source image processor gives {tuple(got['pixel_values'].shape[-2:])} images, but the vision tower "
-            f"takes {size}x{size}: AsyMoE needs fixed-size images."
+            f"takes {size}x{size}: AsyMoE needs fixed-size images (tiles)."
         )
-    same_pixels = torch.allclose(expected["pixel_values"].float(), got["pixel_values"].float())
-    if getattr(source, "patch_size", None) is None:
+    same_pixels = expected["pixel_values"].shape == got["pixel_values"].shape and torch.allclose(
+        expected["pixel_values"].float(), got["pixel_values"].float())
+    same_pixels = same_pixels and all(
+        torch.equal(torch.as_tensor(expected[key]), torch.as_tensor(got[key]))
+        for key in ("image_sizes", "batch_num_images") if key in expected
+    )
+    if getattr(source, "patch_size", None) is None and config.image_grid_pinpoints is None:
         # Old checkpoints without processor_config.json: the source processor cannot expand `<image>` (it has no
         # patch_size), so only the image preprocessing can be compared; the expansion comes from the model config.
         warnings.warn("the source processor has no patch_size; <image> expansion follows the model config.")
@@ -778,10 +853,12 @@ def _check_same_processing(source, processor, config: AsyMoEConfig, image_token:
         same_ids = torch.equal(expected["input_ids"], got["input_ids"])
     if not (same_ids and same_pixels):
         raise ValueError(
-            "the converted processor does not reproduce the source's inputs: the source expands one image to "
+            "the converted processor does not reproduce the source's inputs: the source expands the probe image to "
             f"{int((expected['input_ids'] == config.image_token_id).sum())} image tokens, AsyMoE to "
-            f"{config.num_image_tokens} (patch_size / num_additional_image_tokens / vision_feature_select_strategy "
-            "of the source processor disagree with its model config)."
+            f"{int((got['input_ids'] == config.image_token_id).sum())}; pixel values "
+            f"{'agree' if same_pixels else 'differ'} (patch_size / num_additional_image_tokens / "
+            "vision_feature_select_strategy / image_grid_pinpoints of the source processor disagree with its model "
+            "config)."
         )
 
 
@@ -796,7 +873,8 @@ def _meta_model(config: AsyMoEConfig) -> AsyMoEForConditionalGeneration:
 
 
 def parameter_counts(config: AsyMoEConfig) -> dict[str, int]:
-    """Parameter counts from the config (no weights are built): total, vision tower, projector, language model
+    """Parameter counts from the config (no weights are built): total, vision tower, projector (with the anyres
+    `image_newline`), language model
     (total and activated per token: embeddings, attention, norms, routers, evidence readouts, LM head, dense FFNs and
     the token's top-k experts), and the language model of the dense source (every FFN dense, no MoE extras)."""
     model = _meta_model(config)
@@ -804,6 +882,8 @@ def parameter_counts(config: AsyMoEConfig) -> dict[str, int]:
     total = sum(p.numel() for p in unique.values())
     vision = sum(p.numel() for p in model.model.vision_tower.parameters())
     projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    if model.model.image_newline is not None:  # anyres: counted with the projector (image side, not the decoder)
+        projector += model.model.image_newline.numel()
     language = total - vision - projector
     text = config.text_config
     inactive, moe_extra = 0, 0
@@ -913,10 +993,11 @@ def upcycle(
     progress: bool | Callable[[int, int, str], None] = False,
     **text_overrides,
 ):
-    """Upcycle a dense `LlavaForConditionalGeneration` checkpoint into AsyMoE.
+    """Upcycle a dense LLaVA, LLaVA-NeXT or LLaVA-OneVision checkpoint into AsyMoE.
 
     Args:
-        source: local checkpoint directory, Hub model id, or a `LlavaForConditionalGeneration` instance.
+        source: local checkpoint directory, Hub model id, or a `LlavaForConditionalGeneration` /
+            `LlavaNextForConditionalGeneration` / `LlavaOnevisionForConditionalGeneration` instance.
         output_dir: where to write the AsyMoE checkpoint (weights, config with an `upcycling` manifest, remote code,
             processor, README.md). `None`: return the upcycled model instead.
         moe_variant: `"dense"`, `"vanilla"`, `"modality"` or `"asymoe"`.
@@ -969,8 +1050,8 @@ def upcycle(
 
 
 def _upcycle_module(model: nn.Module, output: Path, *, overwrite: bool, **options) -> Path:
-    """Upcycle an in-memory `LlavaForConditionalGeneration` (saved to a temporary directory first)."""
-    if type(model).__name__ != "LlavaForConditionalGeneration":
+    """Upcycle an in-memory LLaVA(-NeXT/-OneVision) model (saved to a temporary directory first)."""
+    if type(model).__name__ not in SOURCE_ARCHITECTURES.values():
         raise ValueError(
             f"cannot upcycle a {type(model).__name__}: supported sources are {SUPPORTED_SOURCE} models or "
             "checkpoints."
@@ -1025,7 +1106,7 @@ def _upcycle_directory(
         "config_sha256": _sha256(src_dir / "config.json"),
         ("index_sha256" if identity_file.name == _WEIGHT_INDEX else "weights_header_sha256"): (
             _sha256(identity_file) if identity_file.name == _WEIGHT_INDEX else header_digest.hexdigest()),
-        "source_architecture": "LlavaForConditionalGeneration",
+        "source_architecture": SOURCE_ARCHITECTURES[source_config.model_type],
         "source_text_model_type": source_config.text_config.model_type,
         "moe_variant": text.moe_variant,
         "mode": mode,
@@ -1214,16 +1295,23 @@ def probe_inputs(config: AsyMoEConfig, processor=None, seed: int = 0) -> dict[st
         image = _probe_image(config.vision_config.image_size, seed)
         text = f"{processor.image_token}\nWhat is shown in this image? Describe it."
         batch = processor(images=image, text=text, return_tensors="pt")
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+        return {k: batch[k] for k in _MODEL_INPUTS if k in batch}
     generator = torch.Generator().manual_seed(seed)
     text = config.text_config
+    vision = config.vision_config
     words = torch.randint(0, text.vocab_size, (12,), generator=generator)
     words[words == config.image_token_id] = (config.image_token_id + 1) % text.vocab_size
-    image = torch.full((config.num_image_tokens,), config.image_token_id)
+    num_features, tiles, extra = config.num_image_tokens, (), {}
+    if config.image_grid_pinpoints is not None:  # an image of the first pinpoint's size
+        size = config.image_grid_pinpoints[0]
+        layout = anyres_layout(size, config.image_grid_pinpoints, vision.image_size,
+                               vision.image_size // vision.patch_size, config.max_anyres_tiles)
+        num_features += layout.num_grid_features
+        tiles, extra = (layout.num_tiles,), {"image_sizes": torch.tensor([size])}
+    image = torch.full((num_features,), config.image_token_id)
     input_ids = torch.cat([words[:2], image, words[2:]]).unsqueeze(0)
-    vision = config.vision_config
-    pixels = torch.randn(1, vision.num_channels, vision.image_size, vision.image_size, generator=generator)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}
+    pixels = torch.randn(1, *tiles, vision.num_channels, vision.image_size, vision.image_size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels, **extra}
 
 
 @torch.no_grad()
@@ -1292,17 +1380,18 @@ def report_from_checkpoints(
     (fp32, CPU) so that peak memory is one model, on the upcycled processor's probe (synthetic if it has none)."""
     import gc
 
-    from transformers import LlavaForConditionalGeneration
+    import transformers
 
     from .processing import AsyMoEProcessor
 
     src_dir, _ = resolve_source(source, revision)
+    source_class = getattr(transformers, SOURCE_ARCHITECTURES[load_source_config(src_dir).model_type])
     config = AsyMoEConfig.from_pretrained(upcycled)
     processor = None
     if (Path(upcycled) / "processor_config.json").is_file():
         processor = AsyMoEProcessor.from_pretrained(upcycled)
     inputs = probe_inputs(config, processor, seed)
-    model = LlavaForConditionalGeneration.from_pretrained(src_dir, dtype=torch.float32)
+    model = source_class.from_pretrained(src_dir, dtype=torch.float32)
     reference = model_states(model, inputs)
     del model
     gc.collect()

@@ -6,6 +6,7 @@ This file is part of the Hub bundle: it imports only the standard library and tr
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import re
 import tempfile
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.image_processing_utils import select_best_resolution
 
 MOE_VARIANTS = ("dense", "vanilla", "modality", "asymoe")
 MANIFOLDS = ("poincare", "lorentz")
@@ -293,6 +295,12 @@ class AsyMoEConfig(PreTrainedConfig):
         vision_feature_select_strategy (`str`): `"default"` drops the vision tower's CLS token, `"full"` keeps all.
         vision_feature_layer (`int` or `list[int]`): hidden-state layer(s) of the vision tower fed to the projector.
         multimodal_projector_bias (`bool`): projector linear layers have biases.
+        image_grid_pinpoints (`list[list[int]]`, *optional*): LLaVA-NeXT / OneVision "anyres" resolutions
+            `[height, width]` (multiples of the vision tower's image size). When set, an image is a base tile plus the
+            tiles of its best-fitting resolution; tile features are unpadded to the image's aspect ratio and each row
+            ends with a learned `image_newline`. `None` (default): plain LLaVA, one fixed-size tile per image.
+        vision_aspect_ratio (`str`, *optional*): OneVision's `"anyres_max_N"`: tile features larger than about N
+            tiles are bilinearly pooled down to N tiles' worth. `None`: no pooling (LLaVA-NeXT).
         upcycling (`dict`, *optional*): manifest written when the model was upcycled from a dense checkpoint.
     """
 
@@ -308,6 +316,8 @@ class AsyMoEConfig(PreTrainedConfig):
         vision_feature_select_strategy: str = "default",
         vision_feature_layer: int | list[int] = -2,
         multimodal_projector_bias: bool = True,
+        image_grid_pinpoints: list[list[int]] | None = None,
+        vision_aspect_ratio: str | None = None,
         upcycling: dict | None = None,
         tie_word_embeddings: bool | None = None,
         **kwargs,
@@ -336,6 +346,22 @@ class AsyMoEConfig(PreTrainedConfig):
                 f"vision_feature_select_strategy={vision_feature_select_strategy!r} must be 'default' (drop the CLS "
                 "token) or 'full'."
             )
+        pinpoints = None if image_grid_pinpoints is None else [[int(h), int(w)] for h, w in image_grid_pinpoints]
+        if pinpoints is not None:
+            tile = vision_config.image_size
+            if not pinpoints or any(h <= 0 or w <= 0 or h % tile or w % tile for h, w in pinpoints):
+                raise ValueError(
+                    f"image_grid_pinpoints={pinpoints} must be a non-empty list of [height, width] pairs, "
+                    f"each a positive multiple of the vision tower's image_size {tile}."
+                )
+        if vision_aspect_ratio is not None:
+            if pinpoints is None:
+                raise ValueError("vision_aspect_ratio only applies to anyres models: set image_grid_pinpoints too.")
+            if not re.fullmatch(r"anyres_max_[1-9]\d*", vision_aspect_ratio):
+                raise ValueError(
+                    f"vision_aspect_ratio={vision_aspect_ratio!r} must look like 'anyres_max_9' (at most 9 tiles of "
+                    "features per image)."
+                )
         self.vision_config = vision_config
         self.text_config = text_config
         self.image_token_id = image_token_id
@@ -343,6 +369,8 @@ class AsyMoEConfig(PreTrainedConfig):
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.vision_feature_layer = vision_feature_layer
         self.multimodal_projector_bias = multimodal_projector_bias
+        self.image_grid_pinpoints = pinpoints
+        self.vision_aspect_ratio = vision_aspect_ratio
         self.upcycling = upcycling
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         if tie_word_embeddings is None:
@@ -350,8 +378,14 @@ class AsyMoEConfig(PreTrainedConfig):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
+    def max_anyres_tiles(self) -> int | None:
+        """OneVision's feature budget in tiles (`vision_aspect_ratio="anyres_max_N"` -> N); `None` without pooling."""
+        return int(self.vision_aspect_ratio.rsplit("_", 1)[1]) if self.vision_aspect_ratio else None
+
+    @property
     def num_image_tokens(self) -> int:
-        """Image features one image contributes (= `<image>` placeholders after expansion)."""
+        """Image features one image contributes (= `<image>` placeholders after expansion); for anyres models, the
+        features of one tile (the base tile of every image)."""
         vision = self.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         has_cls = vision.model_type in ("clip_vision_model", "clip")
@@ -362,6 +396,53 @@ class AsyMoEConfig(PreTrainedConfig):
         """Save `config.json` plus the flat remote-code file that `trust_remote_code=True` loads."""
         super().save_pretrained(save_directory, *args, **kwargs)
         write_remote_code(save_directory, __file__)
+
+
+@dataclass(frozen=True)
+class AnyresLayout:
+    """Feature geometry of one LLaVA-NeXT / OneVision "anyres" image (the tiles after its base tile)."""
+
+    tiles: tuple[int, int]  # tile rows and columns of the best-fitting pinpoint resolution
+    unpadded: tuple[int, int]  # feature rows and columns left once the letterbox padding is cut away
+    pooled: tuple[int, int] | None  # OneVision: rows and columns after bilinear pooling; None when not pooled
+
+    @property
+    def num_tiles(self) -> int:
+        """Tiles the image processor emits for the image: the grid plus the base tile."""
+        return self.tiles[0] * self.tiles[1] + 1
+
+    @property
+    def num_grid_features(self) -> int:
+        """Features of the tile grid: every row of the (pooled) grid plus one `image_newline`."""
+        rows, cols = self.pooled or self.unpadded
+        return rows * (cols + 1)
+
+
+def anyres_layout(
+    image_size, grid_pinpoints: list[list[int]], tile_size: int, patches_per_side: int, max_tiles: int | None = None
+) -> AnyresLayout:
+    """The anyres geometry of an image of `image_size` (height, width), as LLaVA-NeXT / OneVision compute it.
+
+    The image is resized into the best-fitting pinpoint resolution (aspect ratio kept, letterboxed) and cut into
+    `tile_size` tiles of `patches_per_side`² features; the features of the letterbox bars are dropped. With
+    `max_tiles` (OneVision), a grid larger than about `max_tiles` tiles (ratio > 1.1) is pooled down to that size.
+    """
+    height, width = (int(v) for v in image_size)
+    best_height, best_width = select_best_resolution((height, width), grid_pinpoints)
+    rows, cols = best_height // tile_size, best_width // tile_size
+    grid_height, grid_width = rows * patches_per_side, cols * patches_per_side
+    if width / height > grid_width / grid_height:
+        kept = int(round(height * (grid_width / width), 7))
+        grid_height -= 2 * ((grid_height - kept) // 2)
+    else:
+        kept = int(round(width * (grid_height / height), 7))
+        grid_width -= 2 * ((grid_width - kept) // 2)
+    pooled = None
+    if max_tiles is not None:
+        ratio = math.sqrt(grid_height * grid_width / (max_tiles * patches_per_side**2))
+        if ratio > 1.1:
+            pooled = (int(grid_height // ratio), int(grid_width // ratio))
+    return AnyresLayout((rows, cols), (grid_height, grid_width), pooled)
 
 
 def write_remote_code(save_directory: str | os.PathLike, module_file: str) -> list[Path]:
@@ -398,4 +479,4 @@ def _find_sibling(source: Path, module_name: str, text: str) -> Path:
     return source.parent / f"{module_name}.py"
 
 
-__all__ = ["AsyMoEConfig", "AsyMoETextConfig", "ExpertLayout", "write_remote_code"]
+__all__ = ["AnyresLayout", "AsyMoEConfig", "AsyMoETextConfig", "ExpertLayout", "anyres_layout", "write_remote_code"]

@@ -33,7 +33,14 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from ..configuration.configuration_asymoe import AsyMoEConfig, AsyMoETextConfig, ExpertLayout, write_remote_code
+from ..configuration.configuration_asymoe import (
+    AnyresLayout,
+    AsyMoEConfig,
+    AsyMoETextConfig,
+    ExpertLayout,
+    anyres_layout,
+    write_remote_code,
+)
 from .hyperbolic_asymoe import mobius_bias
 
 
@@ -530,6 +537,8 @@ class AsyMoEPreTrainedModel(PreTrainedModel):
                 init.constant_(module.raw_curvature, math.log(math.expm1(config.curvature)))  # softplus^-1
         elif isinstance(module, AsyMoERouter):
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, AsyMoEModel) and module.image_newline is not None:
+            init.normal_(module.image_newline, mean=0.0, std=config.hidden_size**-0.5)
         elif isinstance(module, nn.Linear) and getattr(module, "_asymoe_zero_init", False):
             # The evidence readout's W_o starts at zero (function-preserving). Marked on the Linear itself: for
             # remote code, transformers skips `_init_weights` on modules without direct parameters (the readout).
@@ -659,12 +668,20 @@ class AsyMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
 
 
 class AsyMoEModel(AsyMoEPreTrainedModel):
-    """Vision tower + projector + AsyMoE decoder, without the LM head."""
+    """Vision tower + projector + AsyMoE decoder, without the LM head.
+
+    With `config.image_grid_pinpoints` (LLaVA-NeXT / OneVision "anyres"), an image is a base tile plus a grid of
+    tiles; the grid's features are unpadded to the image's aspect ratio, pooled (OneVision `vision_aspect_ratio`)
+    and end every row with the learned `image_newline`. Videos are not supported.
+    """
 
     def __init__(self, config: AsyMoEConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = AsyMoEMultiModalProjector(config)
+        self.image_newline = None
+        if config.image_grid_pinpoints is not None:
+            self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
         self.language_model = AsyMoETextModel(config.text_config)
         self.post_init()
 
@@ -674,8 +691,27 @@ class AsyMoEModel(AsyMoEPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.embed_tokens = value
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> torch.Tensor:
-        """[num_images, C, H, W] -> projected features [num_images, num_image_tokens, hidden]."""
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        image_sizes: torch.LongTensor | None = None,
+        batch_num_images: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Projected image features.
+
+        Plain LLaVA: `pixel_values [num_images, C, H, W]` -> `[num_images, num_image_tokens, hidden]`.
+        Anyres: `pixel_values [num_images, max_tiles, C, H, W]` (zero-padded tiles) or all tiles concatenated
+        `[total_tiles, C, H, W]`, `image_sizes [num_images, 2]` (height, width before preprocessing) and, for
+        OneVision, `batch_num_images` (images per sample: samples with several images are not tiled) -> one
+        `[num_features_i, hidden]` tensor per image.
+        """
+        if self.config.image_grid_pinpoints is None:
+            return self.multi_modal_projector(self._select_vision_features(pixel_values))
+        return self._anyres_image_features(pixel_values, image_sizes, batch_num_images)
+
+    def _select_vision_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        """[tiles, C, H, W] -> the configured vision-tower layer(s) [tiles, patches, vision_hidden]."""
         vision = self.config.vision_config
         expected = (vision.num_channels, vision.image_size, vision.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -692,7 +728,77 @@ class AsyMoEModel(AsyMoEPreTrainedModel):
             features = outputs.hidden_states[layer]
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
-        return self.multi_modal_projector(features)
+        return features
+
+    def anyres_layouts(
+        self, image_sizes: torch.LongTensor | None, batch_num_images: torch.LongTensor | None = None
+    ) -> list[AnyresLayout | None]:
+        """Per image, its anyres tile geometry, or `None` for an image that is not tiled (OneVision multi-image)."""
+        if image_sizes is None:
+            raise ValueError(
+                "This anyres (LLaVA-NeXT / OneVision) model needs `image_sizes` with `pixel_values`: pass the "
+                "processor's output unchanged (AutoProcessor.from_pretrained(..., trust_remote_code=True))."
+            )
+        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else list(image_sizes)
+        tiled = [True] * len(sizes)
+        if batch_num_images is not None:
+            counts = batch_num_images.tolist() if isinstance(batch_num_images, torch.Tensor) else batch_num_images
+            tiled = [count == 1 for count in counts for _ in range(count)]
+            if len(tiled) != len(sizes):
+                raise ValueError(
+                    f"batch_num_images {counts} sums to {len(tiled)} images but image_sizes holds {len(sizes)}."
+                )
+        vision = self.config.vision_config
+        return [
+            anyres_layout(size, self.config.image_grid_pinpoints, vision.image_size,
+                          vision.image_size // vision.patch_size, self.config.max_anyres_tiles) if tile else None
+            for size, tile in zip(sizes, tiled)
+        ]
+
+    def _anyres_image_features(
+        self, pixel_values: torch.FloatTensor, image_sizes, batch_num_images
+    ) -> list[torch.Tensor]:
+        layouts = self.anyres_layouts(image_sizes, batch_num_images)
+        num_tiles = [layout.num_tiles if layout else 1 for layout in layouts]
+        if pixel_values.ndim == 5:
+            if pixel_values.shape[0] != len(layouts):
+                raise ValueError(
+                    f"pixel_values holds {pixel_values.shape[0]} images but image_sizes {len(layouts)}."
+                )
+            pixel_values = torch.cat([tiles[:count] for tiles, count in zip(pixel_values, num_tiles)])
+        if pixel_values.shape[0] != sum(num_tiles):
+            raise ValueError(
+                f"pixel_values holds {pixel_values.shape[0]} tiles, but the image sizes call for {sum(num_tiles)} "
+                f"({num_tiles} per image): preprocess the images with this model's processor."
+            )
+        features = self.multi_modal_projector(self._select_vision_features(pixel_values))
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        if features.shape[1] != side * side:
+            raise ValueError(
+                f"anyres tiles need {side}x{side} = {side * side} features per tile, the vision tower gives "
+                f"{features.shape[1]} with vision_feature_select_strategy="
+                f"{self.config.vision_feature_select_strategy!r} ('default' drops the first token: use it for towers "
+                "with a CLS token, 'full' for the others)."
+            )
+        newline = self.image_newline
+        per_image = []
+        for tiles, layout in zip(features.split(num_tiles), layouts):
+            base = tiles[0]
+            if layout is None:  # OneVision, several images in one sample: base tile + one newline
+                per_image.append(torch.cat([base, newline[None].to(base.dtype)]))
+                continue
+            rows, cols = layout.tiles
+            grid = tiles[1:].view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3)
+            grid = grid.reshape(-1, rows * side, cols * side)  # [hidden, feature rows, feature columns]
+            height, width = layout.unpadded
+            top, left = (rows * side - height) // 2, (cols * side - width) // 2
+            grid = grid[:, top : top + height, left : left + width]
+            if layout.pooled is not None:
+                grid = F.interpolate(grid[None], size=list(layout.pooled), mode="bilinear")[0]
+            row_ends = newline[:, None, None].to(grid.dtype).expand(grid.shape[0], grid.shape[1], 1)
+            grid = torch.cat([grid, row_ends], dim=-1)
+            per_image.append(torch.cat([base, grid.flatten(1).transpose(0, 1)]))
+        return per_image
 
     def forward(
         self,
@@ -705,6 +811,8 @@ class AsyMoEModel(AsyMoEPreTrainedModel):
         use_cache: bool | None = None,
         mm_token_type_ids: torch.LongTensor | None = None,
         evidence_mask: torch.BoolTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        batch_num_images: torch.LongTensor | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -724,17 +832,22 @@ class AsyMoEModel(AsyMoEPreTrainedModel):
         image_features = None
         num_placeholders = int(image_mask.sum()) if image_mask is not None else 0
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
-            num_features = image_features.shape[0] * image_features.shape[1]
-            if num_placeholders != num_features:
+            image_features = self.get_image_features(pixel_values, image_sizes, batch_num_images)
+            if isinstance(image_features, list):  # anyres: one tensor per image, of its own length
+                per_image = [features.shape[0] for features in image_features]
+                image_features = torch.cat(image_features)
+            else:
+                per_image = [image_features.shape[1]] * image_features.shape[0]
+            flat_features = image_features.reshape(-1, image_features.shape[-1])
+            if num_placeholders != flat_features.shape[0]:
                 raise ValueError(
                     f"Image features and image tokens do not match: the text holds {num_placeholders} image tokens "
-                    f"(id {self.config.image_token_id}) but {image_features.shape[0]} image(s) give {num_features} "
-                    f"features ({image_features.shape[1]} per image). Put one '<image>' per image in the text and "
-                    "let AsyMoEProcessor expand it."
+                    f"(id {self.config.image_token_id}) but {len(per_image)} image(s) give {flat_features.shape[0]} "
+                    f"features ({per_image} per image). Put one '<image>' per image in the text and let "
+                    "AsyMoEProcessor expand it."
                 )
             inputs_embeds = inputs_embeds.masked_scatter(
-                image_mask.unsqueeze(-1).to(inputs_embeds.device), image_features.to(inputs_embeds.dtype)
+                image_mask.unsqueeze(-1).to(inputs_embeds.device), flat_features.to(inputs_embeds.dtype)
             )
         elif num_placeholders and not (past_key_values is not None and past_key_values.get_seq_length() > 0):
             raise ValueError(
@@ -777,8 +890,14 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        image_sizes: torch.LongTensor | None = None,
+        batch_num_images: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        return self.model.get_image_features(pixel_values, image_sizes, batch_num_images)
 
     def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
         """`generate()`: record the prompt's image positions as `mm_token_type_ids`; generate extends them with zeros,
@@ -790,7 +909,7 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_dense(cls, source, **overrides) -> AsyMoEForConditionalGeneration:
-        """Upcycle a dense `LlavaForConditionalGeneration` (directory, Hub id or model) into AsyMoE, in memory.
+        """Upcycle a dense LLaVA / LLaVA-NeXT / OneVision model (directory, Hub id or model) into AsyMoE, in memory.
 
         `overrides`: `moe_variant`, `mode` ("copy": same logits as the source; "partition"), `experts`, `seed`,
         `noise_std`, MoE fields of the text config; see `asymoe.upcycling.upcycle` (needs the asymoe toolkit).
@@ -820,6 +939,8 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         mm_token_type_ids: torch.LongTensor | None = None,
         evidence_mask: torch.BoolTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        batch_num_images: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> AsyMoECausalLMOutputWithPast:
@@ -831,6 +952,10 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
             router_z_loss_coef * z_loss` to the loss. Default: `config.text_config.output_router_logits`.
         mm_token_type_ids (`torch.LongTensor`, *optional*): 1 at image positions (default: from `input_ids`).
         evidence_mask (`torch.BoolTensor`, *optional*): positions evidence experts read (default: image positions).
+        image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*): anyres models: each image's
+            (height, width) before preprocessing, as the processor returns it; not needed on decoding steps.
+        batch_num_images (`torch.LongTensor` of shape `(batch_size,)`, *optional*): OneVision: images per sample
+            (images of multi-image samples are not tiled), as the processor returns it.
         """
         text_config = self.config.text_config
         mm_token_type_ids = _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, past_key_values)
@@ -847,6 +972,8 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             mm_token_type_ids=mm_token_type_ids,
             evidence_mask=evidence_mask,
+            image_sizes=image_sizes,
+            batch_num_images=batch_num_images,
             output_router_logits=output_router_logits,
             **kwargs,
         )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import BatchFeature, ProcessorMixin
 
-from ..configuration.configuration_asymoe import write_remote_code
+from ..configuration.configuration_asymoe import anyres_layout, write_remote_code
 
 # LLaVA-1.5 conversation format ("USER: <image>\n... ASSISTANT: ...</s>"); assistant replies sit in
 # {% generation %} blocks so that TRL's `assistant_only_loss=True` trains on them only.
@@ -45,6 +45,12 @@ class AsyMoEProcessor(ProcessorMixin):
             text becomes that many image tokens.
         image_token (`str`): the placeholder, `"<image>"` by default.
         chat_template (`str`, *optional*): Jinja template; default LLaVA-1.5 style with `{% generation %}` blocks.
+        image_grid_pinpoints (`list[list[int]]`, *optional*): anyres models (`AsyMoEConfig.image_grid_pinpoints`):
+            each `<image>` becomes as many tokens as the model gives that image (base tile, unpadded tile grid, one
+            newline per row), and the outputs carry `image_sizes` (and `batch_num_images` from a OneVision image
+            processor). Needs an image processor that tiles with the same pinpoints (LLaVA-NeXT / OneVision).
+        patch_size (`int`, *optional*): the vision tower's patch size (anyres only).
+        vision_aspect_ratio (`str`, *optional*): OneVision's `"anyres_max_N"` feature pooling (anyres only).
     """
 
     def __init__(
@@ -54,6 +60,9 @@ class AsyMoEProcessor(ProcessorMixin):
         num_image_tokens: int | None = None,
         image_token: str = "<image>",
         chat_template: str | None = None,
+        image_grid_pinpoints: list[list[int]] | None = None,
+        patch_size: int | None = None,
+        vision_aspect_ratio: str | None = None,
         **kwargs,
     ):
         if num_image_tokens is None or num_image_tokens < 1:
@@ -71,6 +80,19 @@ class AsyMoEProcessor(ProcessorMixin):
                 "model's embeddings."
             )
         self.image_token_id = image_token_id
+        if image_grid_pinpoints is not None:
+            image_grid_pinpoints = [[int(h), int(w)] for h, w in image_grid_pinpoints]
+            if not patch_size:
+                raise ValueError("An anyres AsyMoEProcessor (image_grid_pinpoints set) needs the tower's patch_size.")
+            tiling = getattr(image_processor, "image_grid_pinpoints", None)
+            if image_processor is not None and [list(p) for p in tiling or []] != image_grid_pinpoints:
+                raise ValueError(
+                    f"The image processor tiles with image_grid_pinpoints={tiling}, the model expects "
+                    f"{image_grid_pinpoints}: use the LLaVA-NeXT / OneVision image processor of the same checkpoint."
+                )
+        self.image_grid_pinpoints = image_grid_pinpoints
+        self.patch_size = patch_size
+        self.vision_aspect_ratio = vision_aspect_ratio
         self.auto_map = {"AutoProcessor": "processing_asymoe.AsyMoEProcessor"}
         super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
 
@@ -94,14 +116,27 @@ class AsyMoEProcessor(ProcessorMixin):
         return_tensors = kwargs.get("return_tensors")
         image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _IMAGE_KWARGS}
         data = {}
+        counts = []
         if flat_images:
-            data.update(self.image_processor(flat_images, return_tensors=return_tensors, **image_kwargs))
-        expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
+            # OneVision's image processor needs the per-sample nesting: it does not tile multi-image samples.
+            per_sample = "batch_num_images" in getattr(self.image_processor, "model_input_names", ())
+            image_inputs = self.image_processor(
+                images if per_sample else flat_images, return_tensors=return_tensors, **image_kwargs
+            )
+            data.update(image_inputs)
+            counts = self._image_token_counts(image_inputs, len(flat_images))
+        expanded, text_counts = [], []
+        for t in texts:
+            pieces = t.split(self.image_token)
+            mine, counts = counts[: len(pieces) - 1], counts[len(pieces) - 1 :]
+            expanded.append("".join(p + self.image_token * n for p, n in zip(pieces, [*mine, 0])))
+            text_counts.append(mine)
         if kwargs.get("return_offsets_mapping"):
             # Offsets of the text as given, not as expanded: what chat templates' assistant masks are computed on.
             text_inputs = self.tokenizer(expanded, **{k: v for k, v in kwargs.items() if k != "return_tensors"})
             text_inputs["offset_mapping"] = [
-                self._original_offsets(t, offsets) for t, offsets in zip(texts, text_inputs["offset_mapping"])
+                self._original_offsets(t, offsets, n)
+                for t, offsets, n in zip(texts, text_inputs["offset_mapping"], text_counts)
             ]
         else:
             text_inputs = self.tokenizer(expanded, **kwargs)
@@ -114,25 +149,52 @@ class AsyMoEProcessor(ProcessorMixin):
                 data["mm_token_type_ids"] = [[int(i == self.image_token_id) for i in row] for row in ids]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _original_offsets(self, text: str, offsets: list) -> list[tuple[int, int]]:
-        """Map character offsets in the expanded `text` back to `text`: a token inside the i-th expanded
-        placeholder maps onto that placeholder, later tokens shift back by the characters the expansion added."""
+    def _image_token_counts(self, image_inputs, num_images: int) -> list[int]:
+        """Image tokens of each image, in reading order: `num_image_tokens` each, or for anyres models the base
+        tile plus the image's unpadded (pooled) tile grid with one newline per row, as the model computes them."""
+        if self.image_grid_pinpoints is None:
+            return [self.num_image_tokens] * num_images
+        sizes = image_inputs["image_sizes"]
+        sizes = sizes.tolist() if hasattr(sizes, "tolist") else [list(size) for size in sizes]
+        tiled = [True] * len(sizes)
+        if image_inputs.get("batch_num_images") is not None:
+            tiled = [int(n) == 1 for n in image_inputs["batch_num_images"] for _ in range(int(n))]
+        tile_size = int(image_inputs["pixel_values"][0][0].shape[-1])
+        max_tiles = int(self.vision_aspect_ratio.rsplit("_", 1)[1]) if self.vision_aspect_ratio else None
+        counts = []
+        for size, tile in zip(sizes, tiled):
+            grid = 1  # a multi-image OneVision sample: the base tile and one newline
+            if tile:
+                layout = anyres_layout(size, self.image_grid_pinpoints, tile_size, tile_size // self.patch_size,
+                                       max_tiles)
+                grid = layout.num_grid_features
+            counts.append(self.num_image_tokens + grid)
+        return counts
+
+    def _original_offsets(self, text: str, offsets: list, counts: list[int]) -> list[tuple[int, int]]:
+        """Map character offsets in the expanded `text` back to `text`, whose placeholders were expanded to `counts`
+        tokens: a token inside the i-th expanded placeholder maps onto that placeholder, later tokens shift back by
+        the characters the expansions before them added."""
         width = len(self.image_token)
-        gained = width * (self.num_image_tokens - 1)
         starts = [i for i in range(len(text)) if text.startswith(self.image_token, i)]
-        expanded_starts = [s + n * gained for n, s in enumerate(starts)]
+        gained = [0]  # characters added by the expansions before each placeholder
+        for count in counts:
+            gained.append(gained[-1] + width * (count - 1))
+        expanded_starts = [start + gained[n] for n, start in enumerate(starts)]
 
         def back(char: int, is_end: bool) -> int:
             n = bisect.bisect_right(expanded_starts, char - 1 if is_end else char)
-            if n and char - expanded_starts[n - 1] <= width * self.num_image_tokens - (0 if is_end else 1):
+            if n and char - expanded_starts[n - 1] <= width * counts[n - 1] - (0 if is_end else 1):
                 return starts[n - 1] + (width if is_end else 0)  # inside the n-th placeholder's expansion
-            return char - n * gained
+            return char - gained[n]
 
         return [(back(start, False), back(end, True)) if end > start else (start, end) for start, end in offsets]
 
     @property
     def model_input_names(self) -> list[str]:
-        return list(dict.fromkeys(self.tokenizer.model_input_names + ["pixel_values"]))
+        image_inputs = ["pixel_values"] if self.image_grid_pinpoints is None else [
+            "pixel_values", "image_sizes", "batch_num_images"]
+        return list(dict.fromkeys(self.tokenizer.model_input_names + image_inputs))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save the processor plus the flat remote-code files that `trust_remote_code=True` loads."""
@@ -143,7 +205,7 @@ class AsyMoEProcessor(ProcessorMixin):
 
 
 _IMAGE_KWARGS = {"do_resize", "size", "crop_size", "do_center_crop", "do_normalize", "image_mean", "image_std",
-                 "do_rescale", "rescale_factor", "do_convert_rgb", "resample"}
+                 "do_rescale", "rescale_factor", "do_convert_rgb", "resample", "do_pad"}
 
 
 def _flatten_images(images) -> list:

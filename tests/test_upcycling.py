@@ -23,7 +23,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaNextConfig,
+    LlavaNextVideoConfig,
     LlavaProcessor,
     MistralConfig,
     Qwen2Config,
@@ -143,14 +143,17 @@ def sharded_source(tmp_path_factory):
     return directory
 
 
-def _check_same_function(source: dict, output: Path) -> None:
+def _check_same_function(source: dict, output: Path, make_inputs=None) -> None:
+    """The upcycled checkpoint's processor reproduces the source's inputs (`make_inputs(processor)`, default
+    `_inputs`) and its model the source's logits and greedy generation on them."""
     model, info = AsyMoEForConditionalGeneration.from_pretrained(output, output_loading_info=True)
     assert not any(info.values()), info  # no missing / unexpected / mismatched keys
     model.eval()
     processor = AutoProcessor.from_pretrained(output)
     assert type(processor).__name__ == "AsyMoEProcessor"
-    inputs = _inputs(processor)
-    for key in ("input_ids", "attention_mask"):
+    inputs = (make_inputs or _inputs)(processor)
+    assert inputs.keys() == source["inputs"].keys()
+    for key in inputs.keys() - {"pixel_values"}:  # ids, mask, and anyres image_sizes / batch_num_images
         assert torch.equal(inputs[key], source["inputs"][key]), key
     assert torch.allclose(inputs["pixel_values"], source["inputs"]["pixel_values"])
     with torch.no_grad():
@@ -354,7 +357,7 @@ def test_unsupported_sources_fail_clearly(sources, tmp_path):
         (tmp_path / "missing", "neither a local directory"),
         (_write_config(tmp_path / "empty", LlamaConfig(**llama)).parent / "nothing-here", "neither a local"),
         (_write_config(tmp_path / "causal", LlamaConfig(**llama)), "cannot upcycle model_type 'llama'"),
-        (_write_config(tmp_path / "next", LlavaNextConfig(text_config=LlamaConfig(**llama))), "not supported yet"),
+        (_write_config(tmp_path / "video", LlavaNextVideoConfig(text_config=LlamaConfig(**llama))), "not videos"),
         (_write_config(tmp_path / "gelu", _llava(LlamaConfig(**llama, hidden_act="gelu"))), "SwiGLU"),
         (_write_config(tmp_path / "bias", _llava(LlamaConfig(**llama, mlp_bias=True))), "mlp_bias"),
         (_write_config(tmp_path / "noweights", _llava(LlamaConfig(**llama))), "no model.safetensors"),
