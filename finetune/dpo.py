@@ -1,0 +1,236 @@
+"""Direct preference optimisation of AsyMoE with TRL's `DPOTrainer`, on image + preference-pair data.
+
+    python -m asymoe.finetune.dpo --config configuration/recipes/dpo_tiny.yaml \\
+        --model_name_or_path outputs/sft --dataset_name outputs/demo/data --output_dir outputs/dpo
+    accelerate launch --config_file configuration/accelerate/ddp.yaml -m asymoe.finetune.dpo --config ...
+
+Data (`--dataset_name`: a `save_to_disk` directory, a JSON/JSONL file or a local data set directory;
+`--dataset_format`):
+- `preference`: `prompt`, `chosen`, `rejected` and `images` (a list) or `image`; plain strings (prompts with
+  `<image>` placeholders, or without: the images then come first) or TRL's conversational messages;
+- `grounding`: the grounding benchmark (`asymoe grounding`): chosen = the answer the image supports, rejected = the
+  answer of the training split's language prior; rows where the two agree are left out.
+Prompts go through the processor's chat template (LLaVA-1.5 for AsyMoE), as in SFT and evaluation.
+
+`--use_peft` puts LoRA where `asymoe.finetune.lora.lora_config` says (`--lora_targets`, `--lora_train_routers`,
+`--lora_evidence`; `--lora_dropout` must be 0 with experts); the reference model is then the base with the adapter
+disabled. `--load_in_4bit` / `--load_in_8bit` (QLoRA) need a CUDA GPU and bitsandbytes.
+
+MoE load balancing: TRL adds `router_aux_loss_coef * aux_loss` for models whose text config has
+`output_router_logits`, but computes it with Mixtral's loss over all experts of a layer. AsyMoE routes each token
+over the experts its modality reaches, so the trainer makes the forward return AsyMoE's own per-modality loss
+(`router_losses`) instead; the z-loss is not applied in DPO.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.utils import is_peft_model
+from trl import DPOConfig, DPOTrainer, ModelConfig, ScriptArguments, TrlParser
+
+from ..eval.grounding import prior_answer
+from ..modeling.modeling_asymoe import router_losses
+from .data import _open_image, llava_messages, vqa_messages
+from .lora import EVIDENCE_MODES, LORA_TARGETS, lora_config, quantization_config
+
+PREFERENCE_FORMATS = ("preference", "grounding")
+
+
+@dataclass
+class DPOScriptArguments(ScriptArguments):
+    dataset_format: str = field(default="auto", metadata={"help": f"auto or one of {PREFERENCE_FORMATS}"})
+    image_folder: str | None = field(default=None, metadata={"help": "folder relative image paths resolve against"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
+    lora_targets: str = field(default="attention+experts", metadata={
+        "help": f"with --use_peft: '+'-joined parts to adapt, from {LORA_TARGETS}"})
+    lora_train_routers: bool = field(default=False, metadata={"help": "with --use_peft: train the routers fully"})
+    lora_evidence: str = field(default="lora", metadata={
+        "help": f"with --use_peft: the evidence readouts, one of {EVIDENCE_MODES}"})
+
+
+def detect_preference_format(column_names: list[str]) -> str:
+    if {"prompt", "chosen", "rejected"} <= set(column_names):
+        return "preference"
+    if {"question", "answer", "question_type", "scene"} <= set(column_names):
+        return "grounding"
+    raise ValueError(f"cannot tell the preference data format from the columns {column_names}: expected `prompt`/"
+                     "`chosen`/`rejected` (+ `images` or `image`) or the grounding benchmark.")
+
+
+def _user_turn(prompt: str, num_images: int) -> list[dict]:
+    """A plain prompt as one user message; without `<image>` placeholders the images come first (LLaVA)."""
+    if "<image>" not in prompt:
+        prompt = "<image>\n" * num_images + prompt
+    return llava_messages([{"from": "human", "value": prompt}])
+
+
+def _reply(completion) -> list[dict]:
+    if isinstance(completion, str):
+        return [{"role": "assistant", "content": [{"type": "text", "text": completion}]}]
+    return completion
+
+
+def to_preferences(dataset, data_format: str = "auto", image_folder: str | None = None):
+    """Map a `datasets.Dataset` to TRL's conversational vision preference rows: `prompt`, `chosen`, `rejected`
+    (message lists) and `images`."""
+    data_format = detect_preference_format(dataset.column_names) if data_format == "auto" else data_format
+    if data_format not in PREFERENCE_FORMATS:
+        raise ValueError(f"unknown preference format {data_format!r}; use one of {PREFERENCE_FORMATS} or 'auto'.")
+    columns = ["prompt", "chosen", "rejected", "images"]
+
+    if data_format == "grounding":
+        def convert(row):
+            main = json.loads(row["scene"])
+            obj = main["objects"][main["main"]]
+            rejected = prior_answer(row["question_type"], obj["shape"], obj["colour"])
+            return {"prompt": vqa_messages(row["question"]), "chosen": _reply(row["answer"]),
+                    "rejected": _reply(rejected), "images": [row["image"]], "keep": rejected != row["answer"]}
+
+        converted = dataset.map(convert, remove_columns=dataset.column_names, desc="to preferences")
+        return converted.filter(lambda keep: keep, input_columns="keep").select_columns(columns)
+
+    if "images" not in dataset.column_names and "image" not in dataset.column_names:
+        raise ValueError("vision preference data needs an `images` (list) or `image` column.")
+
+    def convert(row):
+        images = row["images"] if "images" in row else [row["image"]]
+        images = [_open_image(image, image_folder) for image in images if image is not None]
+        prompt = row["prompt"]
+        return {"prompt": _user_turn(prompt, len(images)) if isinstance(prompt, str) else prompt,
+                "chosen": _reply(row["chosen"]), "rejected": _reply(row["rejected"]), "images": images}
+
+    return dataset.map(convert, remove_columns=dataset.column_names, desc="to preferences")
+
+
+def load_preference_data(path: str, split: str = "train", data_format: str = "auto", image_folder: str | None = None):
+    """A split of a `save_to_disk` directory, a JSON/JSONL file or a local data set directory, as preferences."""
+    import datasets
+
+    source = Path(path)
+    if (source / "dataset_dict.json").is_file():
+        dataset = datasets.load_from_disk(str(source))[split]
+    elif source.suffix in (".json", ".jsonl"):
+        dataset = datasets.load_dataset("json", data_files=str(source), split="train")
+        image_folder = image_folder or str(source.parent)
+    elif source.is_dir():
+        dataset = datasets.load_dataset(str(source), split=split)
+    else:
+        raise FileNotFoundError(f"preference data {path!r} not found: give a save_to_disk directory, a JSON file or "
+                                "a local data set directory.")
+    return to_preferences(dataset, data_format, image_folder)
+
+
+def use_asymoe_router_losses(model) -> None:
+    """Make the fused-LM-head forward that `DPOTrainer` installs return AsyMoE's per-modality load-balancing loss as
+    `aux_loss` (when asked for router logits) instead of TRL's Mixtral loss; other forwards are left as they are."""
+    fused_forward = model.forward
+
+    def forward(self, *args, fused_lm_head: bool = False, output_router_logits: bool | None = None, **kwargs):
+        if not fused_lm_head:
+            return fused_forward(*args, output_router_logits=output_router_logits, **kwargs)
+        if not output_router_logits:  # explicit False: TRL would otherwise follow the config and add its own loss
+            return fused_forward(*args, fused_lm_head=True, output_router_logits=False, **kwargs)
+        router_logits = []
+        hooks = [block.router.register_forward_hook(lambda module, inputs, output: router_logits.append(output[0]))
+                 for block in self.moe_blocks()]
+        try:
+            outputs = fused_forward(*args, fused_lm_head=True, output_router_logits=False, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        input_ids, attention_mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        token_types = kwargs.get("mm_token_type_ids")
+        image_mask = token_types == 1 if token_types is not None else input_ids == self.config.image_token_id
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(image_mask)
+        outputs.aux_loss, _ = router_losses(router_logits, self.moe_blocks(), image_mask, valid)
+        outputs.loss = outputs.loss + self.config.text_config.router_aux_loss_coef * outputs.aux_loss
+        return outputs
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _is_asymoe(model) -> bool:
+    return getattr(model.config, "model_type", None) == "asymoe" and hasattr(model, "moe_blocks")
+
+
+class AsyMoEDPOTrainer(DPOTrainer):
+    """`DPOTrainer` whose MoE auxiliary loss is AsyMoE's own per-modality load-balancing loss."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for model in (self.model, self.ref_model):
+            if model is None:
+                continue
+            model = self.accelerator.unwrap_model(model)
+            model = model.get_base_model() if is_peft_model(model) else model
+            if _is_asymoe(model):
+                use_asymoe_router_losses(model)
+
+
+def main(argv: list[str] | None = None) -> AsyMoEDPOTrainer:
+    """Run the script (`argv` as on the command line); returns the trainer after training and saving."""
+    from transformers import AutoConfig
+
+    parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig))
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    if script_args.dataset_name is None:
+        parser.error("--dataset_name is required (a save_to_disk directory, a JSON file or a data set folder)")
+    if model_args.model_name_or_path is None:
+        parser.error("--model_name_or_path is required")
+    training_args.model_init_kwargs = {
+        **(training_args.model_init_kwargs or {}),
+        **({"dtype": model_args.dtype} if model_args.dtype not in (None, "auto") else {}),
+        **({"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}),
+    }
+    peft_config = quantization = None
+    if model_args.use_peft:
+        if model_args.lora_target_modules or model_args.lora_target_parameters:
+            parser.error("choose what LoRA adapts with --lora_targets (parts of AsyMoE), not --lora_target_modules "
+                         "/ --lora_target_parameters")
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                            trust_remote_code=training_args.trust_remote_code)
+        try:
+            peft_config = lora_config(config, script_args.lora_targets, rank=model_args.lora_r,
+                                      alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+                                      train_routers=script_args.lora_train_routers, evidence=script_args.lora_evidence,
+                                      use_rslora=model_args.use_rslora)
+        except ValueError as err:
+            parser.error(str(err))
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        if not model_args.use_peft:
+            parser.error("--load_in_4bit / --load_in_8bit train adapters on a quantized model: add --use_peft")
+        quantization = quantization_config(4 if model_args.load_in_4bit else 8)
+
+    dataset = load_preference_data(script_args.dataset_name, script_args.dataset_train_split,
+                                   script_args.dataset_format, script_args.image_folder)
+    if script_args.max_train_samples is not None:
+        dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = load_preference_data(script_args.dataset_name, script_args.dataset_test_split,
+                                            script_args.dataset_format, script_args.image_folder)
+    trainer = AsyMoEDPOTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        peft_config=peft_config,
+        quantization_config=quantization,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        accelerator = trainer.accelerator
+        print(f"trained {trainer.state.global_step} DPO steps ({accelerator.distributed_type.value}, world size "
+              f"{accelerator.num_processes}); saved to {training_args.output_dir}")
+    return trainer
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

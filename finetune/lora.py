@@ -1,0 +1,208 @@
+"""PEFT LoRA / QLoRA recipes for AsyMoE, and merging adapters back into a Hub checkpoint.
+
+What `lora_config` adapts, in the language model only (the vision tower, projector, embeddings and LM head stay
+frozen):
+- `attention`: LoRA on the decoder's `q_proj`, `k_proj`, `v_proj`, `o_proj` (named explicitly: "all-linear" would
+  also hit the routers, the evidence readouts and the vision tower);
+- `mlp`: LoRA on the dense SwiGLU FFNs of the non-MoE layers;
+- `experts`: LoRA on the fused 3-D expert weights `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]` through PEFT's
+  `target_parameters` (one low-rank pair per expert; PEFT cannot apply dropout there, so `dropout` must be 0).
+
+AsyMoE's own parameters:
+- routers: frozen (the routing the base learned is kept), or trained fully (`modules_to_save`) with
+  `train_routers=True`;
+- evidence readouts (query/output projections and the reliance gate of the evidence-priority experts):
+  `evidence="lora"` (default) puts LoRA on the two projections and trains the tiny gate fully; `"full"` trains the
+  whole readout; `"frozen"` keeps it. An upcycled model's readout starts switched off (W_o = 0): freezing it there
+  leaves the evidence experts reading plain hidden states;
+- hyperbolic parameters of the inter experts (Möbius biases, scales, curvature) stay frozen: PEFT can only save
+  whole modules, and the module that holds them is the fused experts, which LoRA already adapts. Their LoRA deltas
+  still pass through the Möbius maps, so the adapted inter experts stay hyperbolic.
+
+QLoRA (`quantization_config`) needs a CUDA GPU and bitsandbytes: it quantizes the `nn.Linear` layers of the decoder
+and vision tower; the fused experts are `nn.Parameter`s, which bitsandbytes leaves in the compute dtype.
+
+    asymoe merge-lora BASE ADAPTER OUTPUT    # BASE + adapter -> a plain checkpoint that loads with remote code
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from transformers import PretrainedConfig, PreTrainedModel
+
+LORA_TARGETS = ("attention", "mlp", "experts")
+EVIDENCE_MODES = ("lora", "full", "frozen")
+_LAYERS = r".*language_model\.layers\.\d+\."
+_PATTERNS = {
+    "attention": _LAYERS + r"self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+    "mlp": _LAYERS + r"mlp\.(gate_proj|up_proj|down_proj)",
+    "evidence": _LAYERS + r"mlp\.evidence\.(q_proj|o_proj)",
+}
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def _text_config(model_or_config: PreTrainedModel | PretrainedConfig) -> PretrainedConfig:
+    config = model_or_config.config if isinstance(model_or_config, PreTrainedModel) else model_or_config
+    text_config = config.get_text_config()
+    if not hasattr(text_config, "moe_layers"):
+        raise ValueError(f"lora_config is for AsyMoE models; got a {text_config.model_type!r} config. Use "
+                         "peft.LoraConfig directly for other models.")
+    return text_config
+
+
+def parse_targets(targets: str) -> list[str]:
+    """"attention+experts" -> ["attention", "experts"], checked against `LORA_TARGETS`."""
+    parts = [part.strip() for part in targets.split("+") if part.strip()]
+    unknown = [part for part in parts if part not in LORA_TARGETS]
+    if not parts or unknown:
+        raise ValueError(f"unknown LoRA targets {unknown or [targets]}: join some of {LORA_TARGETS} with '+' "
+                         "(e.g. 'attention+experts').")
+    return list(dict.fromkeys(parts))
+
+
+def lora_config(
+    model_or_config: PreTrainedModel | PretrainedConfig,
+    targets: str = "attention+experts",
+    rank: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    train_routers: bool = False,
+    evidence: str = "lora",
+    **lora_kwargs,
+) -> LoraConfig:
+    """A `peft.LoraConfig` for an AsyMoE model (the model or its config).
+
+    Args:
+        targets: '+'-joined parts of the language model to adapt, from `LORA_TARGETS` (see the module docstring).
+            Parts the model does not have (experts of a dense model) are an error.
+        rank, alpha: LoRA rank and alpha; each expert gets its own rank-`rank` pair.
+        dropout: LoRA dropout; must be 0 when `experts` is targeted.
+        train_routers: train the routers fully (saved with the adapter) instead of freezing them.
+        evidence: the evidence readouts: "lora", "full" or "frozen".
+        lora_kwargs: further `LoraConfig` fields (`use_rslora`, `init_lora_weights`, ...).
+    """
+    text_config = _text_config(model_or_config)
+    parts = parse_targets(targets)
+    if evidence not in EVIDENCE_MODES:
+        raise ValueError(f"unknown evidence mode {evidence!r}; use one of {EVIDENCE_MODES}.")
+    has_moe, has_evidence = bool(text_config.moe_layers), bool(getattr(text_config, "evidence_layers", None))
+    has_dense = len(text_config.moe_layers) < text_config.num_hidden_layers
+    if "experts" in parts and not has_moe:
+        raise ValueError("LoRA target 'experts' but the model has no MoE layers (dense variant): drop 'experts'.")
+    if "mlp" in parts and not has_dense:
+        raise ValueError("LoRA target 'mlp' but every layer is an MoE layer: use 'experts' instead.")
+    if train_routers and not has_moe:
+        raise ValueError("train_routers=True but the model has no MoE layers (dense variant) and so no routers.")
+    if "experts" in parts and dropout:
+        raise ValueError(f"lora dropout {dropout} with LoRA on the experts: PEFT cannot apply dropout to the fused "
+                         "expert weights (target_parameters); set the dropout to 0 (--lora_dropout 0).")
+
+    patterns = [_PATTERNS[part] for part in parts if part != "experts"]
+    modules_to_save = ["router"] if train_routers else []
+    if has_evidence and evidence == "lora":
+        patterns.append(_PATTERNS["evidence"])
+        modules_to_save.append("evidence.gate")
+    elif has_evidence and evidence == "full":
+        modules_to_save.append("evidence")
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        # A regex (full match on module names) or None: PEFT reads a list as name suffixes.
+        target_modules="|".join(f"(?:{p})" for p in patterns) if patterns else None,
+        target_parameters=EXPERT_PARAMETERS if "experts" in parts else None,
+        modules_to_save=modules_to_save or None,
+        task_type="CAUSAL_LM",
+        **lora_kwargs,
+    )
+
+
+def quantization_config(bits: int = 4, compute_dtype: torch.dtype = torch.bfloat16):
+    """QLoRA's `BitsAndBytesConfig` (NF4 with double quantization for 4 bits, LLM.int8 for 8) for loading an AsyMoE
+    model. GPU only: needs CUDA and `pip install bitsandbytes`.
+
+    The LM head (TRL reads its weight directly), the projector and the evidence readouts stay unquantized; the
+    routers and fused experts are parameters, not `nn.Linear`s, and bitsandbytes leaves them in `compute_dtype`.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if bits not in (4, 8):
+        raise ValueError(f"bits={bits}: bitsandbytes quantizes to 4 or 8 bits.")
+    if not torch.cuda.is_available():
+        raise RuntimeError("QLoRA needs a CUDA GPU (bitsandbytes); on this machine use plain LoRA (no --load_in_4bit "
+                           "/ --load_in_8bit).")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ImportError("QLoRA needs bitsandbytes: pip install bitsandbytes") from err
+    skip = ["lm_head", "multi_modal_projector", "evidence", "router"]
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, output: str | os.PathLike,
+               dtype: str = "auto") -> Path:
+    """Load `base`, apply the adapter in `adapter`, merge it into the weights and save a checkpoint (weights, config,
+    processor, remote code) to `output`, written into a temporary sibling first and then moved into place."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output} exists and is not empty: choose a new output directory or delete it.")
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter} holds no PEFT adapter (adapter_config.json): give the directory that "
+                                "the LoRA training saved.")
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, trust_remote_code=True)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    # The adapter directory holds the processor when a trainer saved it there; otherwise take the base's.
+    has_processor = (Path(adapter) / "processor_config.json").is_file()
+    processor = AutoProcessor.from_pretrained(adapter if has_processor else base, trust_remote_code=True)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        merged.save_pretrained(temporary)
+        processor.save_pretrained(temporary)
+        if output.exists():
+            output.rmdir()  # empty, checked above
+        os.replace(temporary, output)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return output
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """`asymoe merge-lora BASE ADAPTER OUTPUT`."""
+    parser.description = "Merge a LoRA adapter into its base AsyMoE checkpoint and save the result."
+    parser.add_argument("base", help="base checkpoint (directory or Hub id) the adapter was trained on")
+    parser.add_argument("adapter", help="directory of the PEFT adapter (adapter_config.json)")
+    parser.add_argument("output", help="new directory for the merged checkpoint")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="dtype to load, merge and save in (auto: the base checkpoint's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        output = merge_lora(args.base, args.adapter, args.output, args.dtype)
+    except (FileExistsError, FileNotFoundError, OSError, ValueError) as err:
+        print(f"asymoe merge-lora: error: {err}", file=sys.stderr)
+        return 2
+    print(f"merged {args.adapter} into {args.base}: {output}")
+    return 0

@@ -1,0 +1,112 @@
+"""DPO through TRL's DPOTrainer: preference data from the grounding benchmark and plain rows, full and LoRA training
+on CPU with rewards logged, and AsyMoE's own per-modality aux loss in place of TRL's Mixtral loss."""
+
+import math
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from conftest import make_image
+
+from asymoe import AsyMoEForConditionalGeneration
+from asymoe.eval.grounding import GroundingConfig, build_grounding, grounding_vocabulary, save_grounding
+from asymoe.finetune.data import SHORT_ANSWER_PROMPT
+from asymoe.finetune.dpo import AsyMoEDPOTrainer, main, to_preferences
+from asymoe.tiny import build_tokenizer, tiny_config, tiny_processor
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "configuration/recipes/dpo_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved tiny AsyMoE (router logits on: TRL treats it as MoE) and grounding data that breaks the prior."""
+    root = tmp_path_factory.mktemp("dpo")
+    tokenizer = build_tokenizer(grounding_vocabulary() + SHORT_ANSWER_PROMPT.split())
+    config = tiny_config(tokenizer, output_router_logits=True)
+    torch.manual_seed(0)
+    AsyMoEForConditionalGeneration(config).save_pretrained(root / "model")
+    tiny_processor(config, tokenizer).save_pretrained(root / "model")
+    save_grounding(build_grounding(GroundingConfig(train_size=24, validation_size=0, test_size=0,
+                                                   prior_strength=0.0)), root / "data")
+    return root
+
+
+def test_grounding_rows_prefer_the_image_over_the_prior(tiny):
+    rows = datasets.load_from_disk(str(tiny / "data"))["train"]
+    pairs = to_preferences(rows)
+    assert 0 < len(pairs) < len(rows)  # family questions whose prior answer is right are left out
+    for pair in pairs:
+        chosen, rejected = pair["chosen"][0]["content"][0]["text"], pair["rejected"][0]["content"][0]["text"]
+        assert chosen != rejected and len(pair["images"]) == 1
+        assert pair["prompt"][0]["content"][0]["type"] == "image"
+        assert pair["prompt"][0]["content"][1]["text"].endswith(SHORT_ANSWER_PROMPT)
+    first = next(row for row in rows if row["question_type"] == "color")
+    pair = to_preferences(rows.select([rows["question"].index(first["question"])]))[0]
+    assert pair["chosen"][0]["content"][0]["text"] == first["answer"]
+
+
+def test_plain_preference_rows_become_conversations():
+    rows = datasets.Dataset.from_list([
+        {"prompt": "what color is the circle ?", "chosen": "red", "rejected": "blue", "images": [make_image(0)]},
+        {"prompt": "<image>\nwhat shape ?", "chosen": "circle", "rejected": "square", "images": [make_image(1)]},
+    ])
+    pairs = to_preferences(rows)
+    for pair in pairs:
+        assert [part["type"] for part in pair["prompt"][0]["content"]] == ["image", "text"]
+        assert pair["chosen"] == [{"role": "assistant", "content": [{"type": "text", "text": pair["chosen"][0][
+            "content"][0]["text"]}]}]
+    with pytest.raises(ValueError, match="cannot tell the preference data format"):
+        to_preferences(datasets.Dataset.from_list([{"text": "hi"}]))
+
+
+def run_dpo(tiny, output, *extra):
+    return main(["--config", RECIPE, "--model_name_or_path", str(tiny / "model"), "--dataset_name",
+                 str(tiny / "data"), "--output_dir", str(output), "--per_device_train_batch_size", "4",
+                 "--logging_steps", "1", "--max_steps", "3", *extra])
+
+
+def assert_dpo_logs(trainer):
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(history) == 3
+    for logs in history:
+        assert math.isfinite(logs["loss"]) and logs["aux_loss"] > 0
+        assert all(math.isfinite(logs[key]) for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"))
+    assert any(logs["rewards/margins"] != 0 for logs in history[1:])  # the policy moved away from the reference
+
+
+def test_dpo_with_lora_trains_only_the_adapter(tiny):
+    trainer = run_dpo(tiny, tiny / "lora")
+    assert_dpo_logs(trainer)
+    assert trainer.ref_model is None  # the reference is the base with the adapter disabled
+    base = AsyMoEForConditionalGeneration.from_pretrained(tiny / "model")
+    frozen = {name.replace(".base_layer", "").replace(".original_module", ""): param
+              for name, param in trainer.model.get_base_model().named_parameters() if not param.requires_grad}
+    assert frozen.keys() == dict(base.named_parameters()).keys()
+    assert all(torch.equal(frozen[name], param) for name, param in base.named_parameters())
+    assert (tiny / "lora" / "adapter_config.json").is_file()
+    assert (tiny / "lora" / "processor_config.json").is_file()
+
+
+def test_lora_dropout_on_experts_is_a_usage_error(tiny):
+    with pytest.raises(SystemExit):
+        run_dpo(tiny, tiny / "bad", "--lora_dropout", "0.05")
+
+
+def test_full_dpo_uses_asymoe_aux_loss(tiny):
+    trainer = run_dpo(tiny, tiny / "full", "--use_peft", "false")
+    assert_dpo_logs(trainer)
+    assert trainer.ref_model is not None
+
+    # The fused forward's aux loss is the model's own per-modality loss, not Mixtral's over all experts.
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    labels = batch["input_ids"].masked_fill(batch.pop("completion_mask") == 0, -100)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        fused = model(**batch, labels=labels, fused_lm_head=True, output_router_logits=True)
+        own = model(**batch, labels=labels, output_router_logits=True)
+        reference = trainer.ref_model(**batch, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(fused.aux_loss, own.aux_loss)
+    assert reference.aux_loss is None
+    assert isinstance(trainer, AsyMoEDPOTrainer)
