@@ -24,8 +24,9 @@ from PIL import Image, ImageStat
 from tqdm.auto import tqdm
 
 from ..finetune.data import vqa_messages
+from ..io import atomic_write_text
 from ..routing import GROUP_COLOURS, RoutingStatistics, plot_routing
-from .runner import DTYPES, _atomic_write
+from .runner import DTYPES
 
 BLANKS = ("mean", "zero")
 
@@ -378,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     output = Path(args.output)
     record = {"models": dict(zip(names, args.models)), "data": args.data, "split": args.split, "results": results}
-    _atomic_write(output / "analysis.json", json.dumps(record, indent=2))
+    atomic_write_text(output / "analysis.json", json.dumps(record, indent=2))
     for path in plot_analysis(results, output):
         print(f"wrote {path}")
     print(f"wrote {output / 'analysis.json'}")

@@ -9,22 +9,15 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..io import atomic_write_text
 from .tasks import TASKS, Task, load_rows, resolve_tasks, score
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 @torch.no_grad()
@@ -71,7 +64,7 @@ def evaluate_model(model, processor, tasks: list[str], data: dict[str, str] | No
         if output_dir is not None:
             lines = [json.dumps({"prompt": task.prompt(r), "prediction": p, "reference": task.reference(r)},
                                 default=str) for r, p in zip(rows, predictions)]
-            _atomic_write(Path(output_dir) / f"{task.name}.predictions.jsonl", "\n".join(lines) + "\n")
+            atomic_write_text(Path(output_dir) / f"{task.name}.predictions.jsonl", "\n".join(lines) + "\n")
     return results
 
 
@@ -106,7 +99,7 @@ def update_model_card(model_dir: str | os.PathLike, results: dict, model_name: s
     data.eval_results = kept
     data.model_name = data.model_name or model_name
     card.data = data
-    _atomic_write(path, str(card))
+    atomic_write_text(path, str(card))
     return path
 
 
@@ -163,9 +156,9 @@ def run(args: argparse.Namespace) -> int:
                      "python": platform.python_version()},
         "results": results,
     }
-    _atomic_write(output / "results.json", json.dumps(record, indent=2))
+    atomic_write_text(output / "results.json", json.dumps(record, indent=2))
     table = markdown_table(results)
-    _atomic_write(output / "results.md", f"# {args.model}\n\n{table}")
+    atomic_write_text(output / "results.md", f"# {args.model}\n\n{table}")
     print(markdown_table(results, headline_only=True))
     print(f"wrote {output / 'results.json'} and {output / 'results.md'}")
     if args.update_model_card:

@@ -190,7 +190,6 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, output: str 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """`asymoe merge-lora BASE ADAPTER OUTPUT`."""
-    parser.description = "Merge a LoRA adapter into its base AsyMoE checkpoint and save the result."
     parser.add_argument("base", help="base checkpoint (directory or Hub id) the adapter was trained on")
     parser.add_argument("adapter", help="directory of the PEFT adapter (adapter_config.json)")
     parser.add_argument("output", help="new directory for the merged checkpoint")
@@ -199,6 +198,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Merge a LoRA adapter into its base AsyMoE checkpoint and save a checkpoint that loads with remote code."""
     try:
         output = merge_lora(args.base, args.adapter, args.output, args.dtype)
     except (FileExistsError, FileNotFoundError, OSError, ValueError) as err:

@@ -1,0 +1,214 @@
+"""One MoE layer, side by side in one process: AsyMoE block vs a dense SwiGLU of equal activated FLOPs vs
+transformers' `MixtralSparseMoeBlock` at matched experts; plus the hyperbolic vs Euclidean expert.
+
+Each case runs forward and forward+backward on the same tokens (a share of them image tokens, as in LLaVA), with
+balanced routing (random routers) and skewed routing (one reachable expert per modality favoured by ~6 logits).
+Time is the median of `--repeat` runs after `--warmup` (CUDA: synchronised; CPU: wall clock); GPU peak memory is the
+allocator's peak above the inputs. Prints ratios to the dense FFN and writes JSON.
+
+    .venv/bin/python bench/moe_layer.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 --intermediate 1408
+    .venv/bin/python bench/moe_layer.py --device cpu --dtype fp32 --tokens 1024 --hidden 256 --intermediate 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+from asymoe.configuration import AsyMoETextConfig
+from asymoe.modeling.modeling_asymoe import AsyMoEMLP, AsyMoESparseBlock
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device: torch.device, warmup: int, repeat: int) -> dict:
+    """Median milliseconds of `fn()` and (CUDA) peak allocated MiB above what was allocated before."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
+    return {"ms": statistics.median(times), "peak_mib": peak}
+
+
+def text_config(args, **overrides) -> AsyMoETextConfig:
+    vision, text, inter = args.layout
+    fields = dict(
+        hidden_size=args.hidden, intermediate_size=args.intermediate * args.top_k,
+        moe_intermediate_size=args.intermediate, num_hidden_layers=2, num_attention_heads=max(1, args.hidden // 128),
+        num_key_value_heads=max(1, args.hidden // 128), vocab_size=32, moe_layers=[1], evidence_layers=[],
+        moe_variant="asymoe", num_vision_experts=vision, num_text_experts=text, num_inter_experts=inter,
+        num_evidence_experts=0, num_experts_per_tok=args.top_k,
+    )
+    fields.update(overrides)
+    config = AsyMoETextConfig(**fields)
+    config._experts_implementation = args.experts_implementation
+    return config
+
+
+def skew(router_weight: torch.Tensor, direction: torch.Tensor, experts: list[int]) -> None:
+    """Favour `experts` for every token: their router rows gain ~6 logits along the tokens' shared direction."""
+    with torch.no_grad():
+        for expert in experts:
+            router_weight[expert] += 3.0 * direction.to(router_weight.dtype)
+
+
+def run(args) -> dict:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    torch.manual_seed(0)
+    direction = F.normalize(torch.randn(args.hidden, device=device), dim=0)
+    tokens = torch.randn(1, args.tokens, args.hidden, device=device) + 2.0 * direction
+    tokens = tokens.to(dtype)
+    image_mask = torch.zeros(1, args.tokens, dtype=torch.bool, device=device)
+    image_mask[:, : int(args.tokens * args.image_share)] = True
+
+    config = text_config(args)
+    asymoe = AsyMoESparseBlock(config, config.expert_layout(1)).to(device)
+    euclidean_config = text_config(args, hyperbolic_inter=False)
+    asymoe_euclidean = AsyMoESparseBlock(euclidean_config, euclidean_config.expert_layout(1)).to(device)
+    dense = AsyMoEMLP(config).to(device)
+    num_experts = sum(args.layout)
+    mixtral_config = MixtralConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_local_experts=num_experts,
+        num_experts_per_tok=args.top_k, router_jitter_noise=0.0,
+    )
+    mixtral_config._experts_implementation = args.experts_implementation
+    mixtral = MixtralSparseMoeBlock(mixtral_config).to(device)
+    for module in (asymoe, asymoe_euclidean, dense, mixtral):
+        for name, param in module.named_parameters():
+            with torch.no_grad():
+                if name.endswith("log_scale_gate_up"):  # the model's own init: s = sqrt(width)
+                    param.fill_(0.5 * math.log(2 * args.intermediate))
+                elif name.endswith("log_scale_down"):
+                    param.fill_(0.5 * math.log(args.hidden))
+                elif "mobius_bias" in name or "raw_curvature" in name:
+                    param.normal_(0.0, 0.05)
+                else:
+                    param.normal_(0.0, args.hidden**-0.5)
+        module.to(dtype)
+    for block in (asymoe, asymoe_euclidean):
+        block.router.float()  # routers stay fp32, as in the model
+
+    cases = {
+        "dense_ffn": lambda x: dense(x),
+        "mixtral_block": lambda x: mixtral(x),
+        "asymoe_block": lambda x: asymoe(x, image_mask),
+        "asymoe_block_euclidean": lambda x: asymoe_euclidean(x, image_mask),
+    }
+    results = {}
+    for routing in ("balanced", "skewed"):
+        if routing == "skewed":
+            groups = config.expert_layout(1).group_slices()
+            favoured = [groups[g].start for g in ("vision", "text") if g in groups]
+            skew(asymoe.router.weight, direction, favoured)
+            skew(asymoe_euclidean.router.weight, direction, favoured)
+            skew(mixtral.gate.weight, direction, [0])
+        for name, forward in cases.items():
+            if routing == "skewed" and name == "dense_ffn":
+                continue
+
+            def fwd(forward=forward):
+                with torch.no_grad():
+                    forward(tokens)
+
+            def fwd_bwd(forward=forward):
+                x = tokens.detach().requires_grad_(True)
+                forward(x).float().square().mean().backward()
+
+            results[f"{routing}/{name}"] = {
+                "fwd": measure(fwd, device, args.warmup, args.repeat),
+                "fwd_bwd": measure(fwd_bwd, device, args.warmup, args.repeat),
+            }
+
+    # The inter experts alone, every token routed to them: hyperbolic vs Euclidean Möbius-free expert.
+    inter = config.expert_layout(1).group_slices()["inter"]
+    flat = tokens.reshape(-1, args.hidden)
+    top_index = torch.stack([torch.full((args.tokens,), inter.start + i % (inter.stop - inter.start), device=device)
+                             for i in range(args.top_k)], dim=-1)
+    top_weights = torch.full(top_index.shape, 1.0 / args.top_k, device=device)
+    for name, block in (("hyperbolic_expert", asymoe), ("euclidean_expert", asymoe_euclidean)):
+
+        def expert_fwd_bwd(block=block):
+            x = flat.detach().requires_grad_(True)
+            block.experts(x, top_index, top_weights).float().square().mean().backward()
+
+        results[name] = {"fwd_bwd": measure(expert_fwd_bwd, device, args.warmup, args.repeat)}
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bf16", choices=DTYPES)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--image-share", type=float, default=576 / 2048, help="share of image tokens")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=1408, help="expert FFN width")
+    parser.add_argument("--layout", default="2,2,4", help="vision,text,inter experts (evidence off: layer bench)")
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--experts-implementation", default="grouped_mm", choices=["grouped_mm", "batched_mm", "eager"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--output", default="bench/results/moe_layer.json")
+    args = parser.parse_args(argv)
+    args.layout = tuple(int(n) for n in args.layout.split(","))
+    results = run(args)
+    dense = results["balanced/dense_ffn"]
+    print(f"{'case':40s} {'fwd ms':>9s} {'×dense':>7s} {'fwd+bwd ms':>11s} {'×dense':>7s} {'peak MiB':>9s}")
+    for name, entry in results.items():
+        row = f"{name:40s} "
+        for kind in ("fwd", "fwd_bwd"):
+            if kind in entry:
+                ms = entry[kind]["ms"]
+                ratio = ms / dense[kind]["ms"] if not name.endswith("_expert") else float("nan")
+                row += f"{ms:9.3f} {ratio:7.2f} " if kind == "fwd" else f"{ms:11.3f} {ratio:7.2f} "
+            else:
+                row += f"{'':9s} {'':7s} "
+        peak = entry["fwd_bwd"]["peak_mib"]
+        row += f"{peak:9.1f}" if peak is not None else f"{'n/a':>9s}"
+        print(row)
+    if "hyperbolic_expert" in results:
+        ratio = results["hyperbolic_expert"]["fwd_bwd"]["ms"] / results["euclidean_expert"]["fwd_bwd"]["ms"]
+        print(f"hyperbolic / Euclidean expert (fwd+bwd): {ratio:.2f}×")
+    record = {
+        "args": {k: v for k, v in vars(args).items()},
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "results": results,
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(temporary, output)
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
