@@ -98,14 +98,14 @@ def _sft(model: Path, data: Path, output: Path, steps: int, learning_rate: float
         "--output_dir", str(output / "model"), "--max_steps", str(steps), "--learning_rate", str(learning_rate),
         "--asymoe_lr", str(learning_rate / 2), "--per_device_train_batch_size", str(config.batch_size),
         "--seed", str(config.seed), "--logging_steps", str(max(1, steps // 10)), "--disable_tqdm", "false",
+        "--include_num_input_tokens_seen", "true",  # padded batch tokens (TrlParser reads the flag as a bool)
         *config.sft_args])
-    history = trainer.state.log_history
-    runtime = history[-1]["train_runtime"]
-    tokens = max((entry.get("num_tokens", 0) for entry in history), default=0)
+    summary = trainer.state.log_history[-1]  # the trainer's end-of-training record
+    tokens = trainer.state.num_input_tokens_seen
     atomic_write_text(output / "training.json", json.dumps({
-        "steps": trainer.state.global_step, "train_runtime": runtime, "num_tokens": tokens,
-        "tokens_per_second": tokens / runtime, "final_loss": next(
-            (entry["loss"] for entry in reversed(history) if "loss" in entry), None)}, indent=2))
+        "steps": trainer.state.global_step, "train_runtime": summary["train_runtime"],
+        "samples_per_second": summary["train_samples_per_second"], "num_tokens": tokens,
+        "tokens_per_second": tokens / summary["train_runtime"], "train_loss": summary["train_loss"]}, indent=2))
 
 
 def _build_data(config: ComparisonConfig, target: Path) -> None:
@@ -237,12 +237,13 @@ def accuracy_table(results: dict) -> list[str]:
     """Markdown rows: accuracy per split and hierarchy level, LM parameters activated / total and fine-tuning
     throughput, per model."""
     lines = ["| model | " + " | ".join(SPLITS.values()) + " | hierarchy leaf | hierarchy family | "
-             "LM params activated / total | fine-tuning tokens/s |", "|---|---|---|---|---|---|---|---|"]
+             "LM params activated / total | fine-tuning samples/s (tokens/s) |", "|---|---|---|---|---|---|---|---|"]
     for name, record in results.items():
         metrics = {split: record["results"][split]["metrics"] for split in SPLITS}
         hierarchy = metrics["grounding_hierarchy"]
         counts = record["parameters"]
-        throughput = f"{record['training']['tokens_per_second']:,.0f}" if "training" in record else "–"
+        training = record.get("training")
+        throughput = f"{training['samples_per_second']:.0f} ({training['tokens_per_second']:,.0f})" if training else "–"
         lines.append(
             f"| {name} | " + " | ".join(f"{metrics[s]['exact_match']:.3f}" for s in SPLITS) +
             f" | {hierarchy['exact_match/level=leaf']:.3f} | {hierarchy['exact_match/level=family']:.3f} | "

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +26,7 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from asymoe.configuration import AsyMoETextConfig
+from asymoe.io import atomic_write_text
 from asymoe.modeling.modeling_asymoe import AsyMoEMLP, AsyMoESparseBlock
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -201,12 +200,7 @@ def main(argv=None) -> int:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "results": results,
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(temporary, output)
-    print(f"wrote {output}")
+    print(f"wrote {atomic_write_text(args.output, json.dumps(record, indent=2, default=str))}")
     return 0
 
 

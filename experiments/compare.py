@@ -66,7 +66,7 @@ def summarise(per_seed: dict[int, dict]) -> dict[str, dict]:
                     for level in ("leaf", "family"):
                         metrics.setdefault(f"hierarchy {level}", []).append(values[f"exact_match/level={level}"])
             if "training" in record:
-                metrics.setdefault("tokens/s", []).append(record["training"]["tokens_per_second"])
+                metrics.setdefault("samples/s", []).append(record["training"]["samples_per_second"])
         summary[model] = {name: {"mean": statistics.fmean(values),
                                  "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
                           for name, values in metrics.items()}
@@ -75,7 +75,7 @@ def summarise(per_seed: dict[int, dict]) -> dict[str, dict]:
 
 
 def markdown(summary: dict, seeds: list[int]) -> str:
-    columns = [*SPLITS, "hierarchy leaf", "hierarchy family", "tokens/s"]
+    columns = [*SPLITS, "hierarchy leaf", "hierarchy family", "samples/s"]
     header = [SPLITS.get(name, name) for name in columns]
     lines = [f"| model | {' | '.join(header)} | LM params activated / total |",
              "|---" * (len(columns) + 2) + "|"]
@@ -84,7 +84,7 @@ def markdown(summary: dict, seeds: list[int]) -> str:
         for name in columns:
             if name not in metrics:
                 cells.append("–")
-            elif name == "tokens/s":
+            elif name == "samples/s":
                 cells.append(f"{metrics[name]['mean']:,.0f}")
             else:
                 cells.append(f"{metrics[name]['mean']:.3f} ± {metrics[name]['std']:.3f}")
@@ -92,7 +92,7 @@ def markdown(summary: dict, seeds: list[int]) -> str:
         lines.append(f"| {model} | {' | '.join(cells)} | {counts['language_model_activated']:,} / "
                      f"{counts['language_model']:,} |")
     lines += ["", f"Mean ± sample std over seeds {seeds}; exact match; chance {chance_accuracy():.3f}. "
-              f"`{START}`: the dense model before fine-tuning."]
+              f"`{START}`: the dense model before fine-tuning. samples/s: fine-tuning throughput (mean over seeds)."]
     return "\n".join(lines) + "\n"
 
 

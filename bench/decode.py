@@ -1,0 +1,115 @@
+"""Decode speed of an upcycled AsyMoE vs its dense transformers LLaVA source, batch 1, in one process.
+
+Builds a randomly initialised dense LLaVA (`asymoe.tiny.tiny_llava`, decoder size from the flags), upcycles it in
+memory into each variant (copy mode) and times greedy `generate` for one image + prompt. Decode tokens/s is
+(N - 1) / (t(N new tokens) - t(1 new token)), so the prefill cancels out; medians of `--repeat` runs after a warm-up.
+`--cache static` uses a static KV cache (`cache_implementation="static"`), `--compile` adds `torch.compile` of the
+forward (transformers' `compile_config`). Prints ratios to the dense source and writes JSON.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/decode.py --device cpu --dtype fp32 --hidden 256 --layers 4
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/decode.py --device cuda --dtype bf16 --hidden 2048 --layers 16 --cache static
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
+from asymoe import AsyMoEForConditionalGeneration
+from asymoe.io import atomic_write_text
+from asymoe.tiny import build_tokenizer, tiny_llava
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VARIANTS = ("dense", "vanilla", "modality", "asymoe")
+
+
+def seconds(model, inputs: dict, new_tokens: int, args, device: torch.device) -> float:
+    """Median wall time of a greedy generate of exactly `new_tokens` tokens."""
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if args.cache == "static":
+        kwargs["cache_implementation"] = "static"
+    times = []
+    for step in range(args.warmup + args.repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**inputs, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, help="dense FFN width (default 2.75 x hidden)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
+    parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding forward")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--output", default="bench/results/decode.json")
+    args = parser.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or "dense" not in variants:
+        parser.error(f"--variants {args.variants}: use names from {VARIANTS}, including dense (the reference)")
+    if args.compile and args.cache != "static":
+        parser.error("--compile needs --cache static (a dynamic cache recompiles as it grows)")
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer("what is in the image ? describe it".split())
+    heads = max(1, args.hidden // 64)
+    dense, processor = tiny_llava(
+        tokenizer, hidden_size=args.hidden, intermediate_size=args.intermediate or int(2.75 * args.hidden),
+        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image ?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+
+    results = {}
+    for variant in variants:
+        model = dense if variant == "dense" else AsyMoEForConditionalGeneration.from_dense(
+            dense, moe_variant=variant, mode="copy")
+        model = model.to(device=device, dtype=dtype).eval()
+        if args.compile:
+            model.generation_config.compile_config = transformers.CompileConfig(fullgraph=False)
+        one, many = seconds(model, inputs, 1, args, device), seconds(model, inputs, args.new_tokens, args, device)
+        if many <= one:
+            raise SystemExit(f"{variant}: {args.new_tokens} tokens took no longer than 1 ({many:.4f} s vs {one:.4f} s); "
+                             "the machine is too noisy for this size: raise --new-tokens or --repeat.")
+        results[variant] = {"decode_tokens_per_s": (args.new_tokens - 1) / (many - one), "prefill_s": one}
+        if variant != "dense":
+            del model
+    reference = results["dense"]["decode_tokens_per_s"]
+    print(f"{'model':10s} {'decode tok/s':>13s} {'x dense':>8s} {'prefill+1 ms':>13s}")
+    for variant, entry in results.items():
+        print(f"{variant:10s} {entry['decode_tokens_per_s']:13.1f} {entry['decode_tokens_per_s'] / reference:8.2f} "
+              f"{entry['prefill_s'] * 1e3:13.1f}")
+    record = {"args": vars(args),
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__}, "results": results}
+    print(f"wrote {atomic_write_text(args.output, json.dumps(record, indent=2))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
