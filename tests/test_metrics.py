@@ -1,9 +1,17 @@
 """The shipped `evaluate` metric modules, loaded by path offline, against hand-computed values."""
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 
-from asymoe.eval.answers import choice_letter, normalize_answer, yes_no, yes_no_strict
+from asymoe.eval import scoring
+from asymoe.eval.answers import choice_letter, mme_yes_no, normalize_answer, pope_yes_no
 from asymoe.eval.scoring import available_metrics, load_metric
+
+NAMES = ["exact_match", "mme", "multiple_choice", "pope", "vqa_accuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -12,69 +20,133 @@ def metrics():
 
 
 def test_all_metrics_ship():
-    assert available_metrics() == ["exact_match", "mme", "multiple_choice", "pope", "vqa_accuracy"]
-    with pytest.raises(ValueError, match="shipped metrics"):
+    assert available_metrics() == NAMES
+    with pytest.raises(ValueError, match=r"unknown metric 'accuracy'; the shipped metrics are \['exact_match'"):
         load_metric("accuracy")
+
+
+def test_inputs_kept_in_memory_unless_distributed():
+    assert load_metric("pope").keep_in_memory is True
+    assert load_metric("pope", keep_in_memory=False).keep_in_memory is False
+    # evaluate refuses keep_in_memory with several processes: the default follows num_process.
+    assert load_metric("pope", num_process=2, process_id=0, experiment_id="t").keep_in_memory is False
+
+
+def test_load_reads_the_install_only(tmp_path, monkeypatch):
+    """Loading and computing write nothing next to the modules (a read-only install works)."""
+    shutil.copytree(scoring.METRICS_DIR, tmp_path / "metrics")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.setattr(scoring, "METRICS_DIR", tmp_path / "metrics")
+    assert load_metric("pope").compute(predictions=["yes"], references=["yes"])["accuracy"] == 1.0
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_load_offline_with_an_empty_cache(tmp_path):
+    """A fresh Hugging Face home (empty modules cache) and HF_HUB_OFFLINE=1: the modules still load by path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_MODULES_CACHE", "HF_EVALUATE_CACHE")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    code = ("from asymoe.eval.scoring import load_metric; "
+            "print(load_metric('vqa_accuracy').compute(predictions=['two'], references=[['2'] * 10]))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "{'vqa_accuracy': 1.0}" in result.stdout
+    assert (tmp_path / "hf_home" / "modules" / "evaluate_modules" / "metrics").is_dir()
 
 
 @pytest.mark.parametrize(
     ("raw", "normalised"),
-    [("Two", "2"), ("a dog.", "dog"), ("dont", "don't"), ("The Cat!", "cat"), ("1,000", "1000"),
-     ("3.5", "3.5"), ("yes, it is", "yes it is"), ("left-hand", "left hand")],
+    [("Two", "2"), ("a dog.", "dog"), ("dont", "don't"), ("The Cat!", "cat"), ("ten", "10"), ("none", "0"),
+     ("1,000", "1000"),  # a comma between digits: every mark is deleted, not spaced
+     ("3.5", "3.5"), ("yes, it is", "yes it is"), ("left-hand", "left hand"), ("whats\tthat", "what's that"),
+     ("oclock", "o'clock"),
+     # Spacing or deleting is decided on the answer as given: "-" is next to no space in it, so both become spaces
+     # (deciding after "/" became a space would delete them: "x y zw").
+     ("x/-y z-w", "x y z w"),
+     ("its", "its"), ("Im", "im")],  # not in the official table (its "Im" never matches a lowercased word)
 )
 def test_vqa_normalisation(raw, normalised):
     assert normalize_answer(raw) == normalised
 
 
 def test_vqa_accuracy_leave_one_out(metrics):
-    # Q1: "Two" -> "2"; 4 annotators said 2 ("two" normalises too), 6 said 3. Leaving out a "2" leaves 3 matches
+    # Q1: "Two" -> "2"; 4 of 10 said 2 ("two" normalises too), 6 said 3. Leaving out a "2" leaves 3 matches
     # (min(1, 3/3) = 1), leaving out a "3" leaves 4 (1): 1.0. Q2: 2 of 10 said "red": leaving out one of them
-    # leaves 1 match (1/3, twice), otherwise 2 matches (2/3, 8 times): (2/3 + 16/3) / 10 = 0.6. Q3: no match: 0.
+    # leaves 1 match (1/3, twice), otherwise 2 (2/3, 8 times): (2/3 + 16/3) / 10 = 0.6. Q3: no match: 0.
     result = metrics["vqa_accuracy"].compute(
         predictions=["Two", "red", "blue"],
         references=[["2"] * 3 + ["two"] + ["3"] * 6, ["red"] * 2 + ["pink"] * 8, ["green"] * 10],
     )
     assert result["vqa_accuracy"] == pytest.approx((1.0 + 0.6 + 0.0) / 3)
-    single = metrics["vqa_accuracy"].compute(predictions=["unanswerable", "x"], references=[["Unanswerable"], ["y"]])
-    assert single["vqa_accuracy"] == pytest.approx(0.5)
+
+
+def test_vqa_accuracy_with_fewer_answers(metrics):
+    # k = min(3, n - 1) matches needed. n = 3, all "red" (k = 2): each subset of 2 has 2 matches -> 1.
+    # n = 4, 2 of 4 "red" (k = 3): leaving out a red leaves 1 (1/3, twice), else 2 (2/3, twice) -> 0.5.
+    # n = 2, one "dog" (k = 1): leaving out the dog leaves 0, leaving out the cat leaves 1 (1/1) -> 0.5.
+    # n = 1: exact match; VizWiz's "unanswerable" is an answer like any other -> 1.
+    result = metrics["vqa_accuracy"].compute(
+        predictions=["red", "red", "a dog", "Unanswerable"],
+        references=[["red"] * 3, ["red", "red", "blue", "pink"], ["dog", "cat"], ["unanswerable"]],
+    )
+    assert result["vqa_accuracy"] == pytest.approx((1 + 0.5 + 0.5 + 1) / 4)
 
 
 def test_exact_match(metrics):
     em = metrics["exact_match"]
+    # "A red." -> "red" right, "blue" vs "green" wrong, "2" vs "two" -> "2" right: 2/3.
     assert em.compute(predictions=["A red.", "blue", "2"], references=["red", "green", "two"])["exact_match"] == (
         pytest.approx(2 / 3))
-    assert em.compute(predictions=["blue"], references=[["green", "blue"]])["exact_match"] == 1.0
+    # A list accepts any of its answers; single and list references mix: 2/2.
+    assert em.compute(predictions=["blue", "red"], references=[["green", "blue"], "red"])["exact_match"] == 1.0
+    em.add(prediction="no", reference="yes")
+    em.add_batch(predictions=["Yes"], references=[["yes", "y"]])
+    assert em.compute()["exact_match"] == 0.5
+    with pytest.raises(ValueError, match="no reference answer"):
+        em.compute(predictions=["a"], references=[[]])
 
 
 def test_pope(metrics):
-    # said: yes, no, no ("not"), yes, yes | truth: yes, yes, no, no, yes -> tp 2, fn 1, tn 1, fp 1.
+    # LLaVA's reading: yes, no, no ("not"), yes ("NO" is not "no"), yes (first sentence only) |
+    # truth: yes, yes, no, no, yes -> tp 2, fn 1, tn 1, fp 1.
     result = metrics["pope"].compute(
-        predictions=["Yes, there is.", "No.", "There is not a dog", "yes", "I think so. No doubt"],
-        references=["yes", "yes", "no", "no", "yes"],
+        predictions=["Yes, there is.", "No.", "There is not a dog", "NO", "I think so. No doubt"],
+        references=["yes", "yes", "no", "No", "yes"],
     )
     assert result == pytest.approx(
         {"accuracy": 3 / 5, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 3 / 5})
-    with pytest.raises(ValueError, match="'yes' or 'no'"):
+    # No "yes" reading: precision, recall and F1 are 0, not a division error.
+    none = metrics["pope"].compute(predictions=["no"], references=["yes"])
+    assert none == {"accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
+    with pytest.raises(ValueError, match=r"POPE references must be 'yes' or 'no'.*'maybe'"):
         metrics["pope"].compute(predictions=["yes"], references=["maybe"])
 
 
 def test_mme(metrics):
-    # color: image a both right (acc 1, acc+ 1) -> 200. OCR: image b one right, "maybe" is wrong -> acc .5, acc+ 0
-    # -> 50. code_reasoning: image c both wrong -> 0. perception = 250, cognition = 0.
+    # color: image a both right -> acc 1, acc+ 1 -> 200. OCR: image b: "yes it is" right, "maybe" (neither) wrong;
+    # image d: "Nothing" reads "no" (first four characters), right, and "No." right -> acc 3/4, acc+ 1/2 -> 125.
+    # code_reasoning: image c both wrong -> 0. perception = 325, cognition = 0.
     result = metrics["mme"].compute(
-        predictions=["Yes", "No", "yes it is", "maybe", "no", "yes"],
-        references=["Yes", "No", "Yes", "No", "Yes", "No"],
-        question_ids=["a", "a", "b", "b", "c", "c"],
-        categories=["color", "color", "OCR", "OCR", "code_reasoning", "code_reasoning"],
+        predictions=["Yes", "No", "yes it is", "maybe", "Nothing", "No.", "no", "yes"],
+        references=["Yes", "No", "Yes", "No", "No", "No", "Yes", "No"],
+        question_ids=["a", "a", "b", "b", "d", "d", "c", "c"],
+        categories=["color"] * 2 + ["OCR"] * 4 + ["code_reasoning"] * 2,
     )
-    assert result["color/score"] == 200 and result["OCR/acc"] == 0.5 and result["OCR/acc_plus"] == 0
-    assert result["perception"] == 250 and result["cognition"] == 0
+    assert result == pytest.approx({
+        "color/acc": 1.0, "color/acc_plus": 1.0, "color/score": 200.0,
+        "OCR/acc": 0.75, "OCR/acc_plus": 0.5, "OCR/score": 125.0,
+        "code_reasoning/acc": 0.0, "code_reasoning/acc_plus": 0.0, "code_reasoning/score": 0.0,
+        "perception": 325.0, "cognition": 0.0,
+    })
     with pytest.raises(ValueError, match="unknown MME subtasks"):
         metrics["mme"].compute(predictions=["yes"], references=["Yes"], question_ids=["a"], categories=["colour"])
+    with pytest.raises(ValueError, match=r"MME references must be 'yes' or 'no'.*'y'"):
+        metrics["mme"].compute(predictions=["yes"], references=["Y"], question_ids=["a"], categories=["OCR"])
+    with pytest.raises(ValueError, match="needs question_ids"):
+        metrics["mme"].compute(predictions=["yes"], references=["Yes"])
 
 
 def test_multiple_choice(metrics):
-    # B right; "The answer is A." right; "paris" is option B: right; "(C) x" vs D: wrong -> 3/4. Circular: q1
+    # "B" right; "The answer is A." right; "paris" is option B: right; "(C) x" vs D: wrong -> 3/4. Circular: q1
     # (rows 1, 2) all right, q2 (rows 3, 4) not -> 1/2.
     result = metrics["multiple_choice"].compute(
         predictions=["B", "The answer is A.", "paris", "(C) x"],
@@ -83,17 +155,36 @@ def test_multiple_choice(metrics):
         question_ids=["q1", "q1", "q2", "q2"],
     )
     assert result == pytest.approx({"accuracy": 0.75, "circular_accuracy": 0.5})
+    # Without question_ids there is no circular score; letters in any case.
+    assert metrics["multiple_choice"].compute(predictions=["b."], references=["b"]) == {"accuracy": 1.0}
+    with pytest.raises(ValueError, match="'E' is not an option letter"):  # a two-option question has no E
+        metrics["multiple_choice"].compute(predictions=["A"], references=["E"], options=[["x", "y"]])
 
 
 def test_answer_parsers():
-    assert yes_no("No, there is not.") == "no" and yes_no("Yes. Not really") == "yes"
-    assert yes_no_strict("Yes, it is") == "yes" and yes_no_strict("Nothing") is None
-    assert choice_letter("B. a cat") == "B" and choice_letter("I'd say (C)") is None
-    assert choice_letter("it is a cat", ["dog", "cat"]) == "B" and choice_letter("Z", ["a", "b"]) is None
+    assert pope_yes_no("No, there is not.") == "no" and pope_yes_no("Yes. Not really") == "yes"
+    assert pope_yes_no("Not really") == "yes"  # LLaVA matches "no", "No" and "not", not "Not"
+    assert mme_yes_no("Yes, it is") == "yes" and mme_yes_no("not") == "no" and mme_yes_no("It is") is None
+    assert choice_letter("B. a cat") == "B" and choice_letter("(C)") == "C" and choice_letter("Answer: (D)") == "D"
+    assert choice_letter("I'd say C") is None and choice_letter("Z", ["a", "b"]) is None
+    # "A cat" is the text of option B, not the letter A; whole words only; an exact text beats containment.
+    assert choice_letter("A cat", ["dog", "cat"]) == "B" and choice_letter("category", ["cat", "dog"]) is None
+    assert choice_letter("Cats.", ["cat", "cats"]) == "B" and choice_letter("a cat or a dog", ["cat", "dog"]) is None
 
 
-def test_bad_inputs(metrics):
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_input(metrics, name):
+    extra = {"mme": {"question_ids": [], "categories": []}}.get(name, {})
+    with pytest.raises(ValueError, match="no predictions"):
+        metrics[name].compute(predictions=[], references=[], **extra)
+
+
+def test_mismatched_lengths(metrics):
     with pytest.raises(ValueError, match="number of predictions"):
         metrics["exact_match"].compute(predictions=["a", "b"], references=["a"])
-    with pytest.raises(ValueError, match="no predictions"):
-        metrics["pope"].compute(predictions=[], references=[])
+    with pytest.raises(ValueError, match="inputs differ in length"):
+        metrics["multiple_choice"].compute(predictions=["A", "B"], references=["A", "B"], question_ids=["q1"])
+    with pytest.raises(ValueError, match="inputs differ in length"):
+        metrics["mme"].compute(predictions=["yes"], references=["Yes"], question_ids=["a", "b"], categories=["OCR"])
+    with pytest.raises(ValueError, match="no reference answers"):
+        metrics["vqa_accuracy"].compute(predictions=["a"], references=[[]])

@@ -8,27 +8,46 @@ from asymoe.eval.answers import check_lengths, normalize_answer
 _KWARGS = """
 Args:
     predictions (`list[str]`): model answers.
-    references (`list[str]` or `list[list[str]]`): the answer, or several accepted answers, per question.
+    references (`list[str]` or `list[list[str]]`): the answer, or the accepted answers, of each question; both
+        forms may be mixed.
 Returns:
     exact_match (`float`): share of predictions equal to a reference after normalisation, in [0, 1].
 """
 
 
+def _as_answer_list(reference):
+    return [reference] if isinstance(reference, str) else reference
+
+
 class ExactMatch(evaluate.Metric):
     def _info(self):
-        single = {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-        several = {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
         return evaluate.MetricInfo(
-            description="Exact match after lowercasing and the VQA normalisation (punctuation, articles, numbers).",
+            description="Exact match after the VQA answer normalisation (lowercase, punctuation, articles, number "
+            "words to digits, contractions); a list of references accepts any of them.",
             citation="",
             inputs_description=_KWARGS,
-            features=[datasets.Features(single), datasets.Features(several)],
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
+            ),
         )
+
+    # A single reference is stored as a one-answer list: one Arrow schema for both forms and mixes of them.
+    # (evaluate appends the inputs description to the docstrings of add and add_batch, so they must have one.)
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """Add one prediction and its reference (a str or a list of accepted answers)."""
+        super().add(prediction=prediction, reference=_as_answer_list(reference), **kwargs)
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """Add predictions and their references (each a str or a list of accepted answers)."""
+        references = None if references is None else [_as_answer_list(r) for r in references]
+        super().add_batch(predictions=predictions, references=references, **kwargs)
 
     def _compute(self, predictions, references):
         count = check_lengths(predictions=predictions, references=references)
-        hits = 0
-        for prediction, accepted in zip(predictions, references):
-            accepted = [accepted] if isinstance(accepted, str) else accepted
-            hits += normalize_answer(prediction) in {normalize_answer(a) for a in accepted}
+        if any(len(accepted) == 0 for accepted in references):
+            raise ValueError("a question has no reference answer: give each at least one.")
+        hits = sum(
+            normalize_answer(prediction) in {normalize_answer(answer) for answer in accepted}
+            for prediction, accepted in zip(predictions, references)
+        )
         return {"exact_match": hits / count}

@@ -5,15 +5,16 @@ from collections import defaultdict
 import datasets
 import evaluate
 
-from asymoe.eval.answers import check_lengths, yes_no_strict
+from asymoe.eval.answers import check_lengths, mme_yes_no, yes_no_references
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 _KWARGS = """
 Args:
-    predictions (`list[str]`): answers; "yes"/"no" read from the start, anything else is wrong.
-    references (`list[str]`): "Yes" or "No".
+    predictions (`list[str]`): answers, read as the MME tool does: lowercased, stripped, periods removed; "yes"/"no"
+        if that is the whole answer, else whichever its first four characters hold ("yes" first); else wrong.
+    references (`list[str]`): "Yes" or "No" (any case).
     question_ids (`list[str]`): the image each question is about (MME asks two questions per image).
     categories (`list[str]`): the subtask of each question (MME's 14 names, e.g. "existence", "OCR").
 Returns:
@@ -41,9 +42,10 @@ class MME(evaluate.Metric):
         check_lengths(predictions=predictions, references=references, question_ids=question_ids, categories=categories)
         if unknown := sorted(set(categories) - set(PERCEPTION) - set(COGNITION)):
             raise ValueError(f"unknown MME subtasks {unknown}; expected {PERCEPTION + COGNITION}.")
+        truth = yes_no_references(references, "MME")
         right = defaultdict(list)  # (subtask, image) -> [correct per question]
-        for prediction, reference, image, subtask in zip(predictions, references, question_ids, categories):
-            right[subtask, image].append(yes_no_strict(prediction) == reference.strip().lower())
+        for prediction, answer, image, subtask in zip(predictions, truth, question_ids, categories):
+            right[subtask, image].append(mme_yes_no(prediction) == answer)
         results, totals = {}, {"perception": 0.0, "cognition": 0.0}
         for subtask in sorted({s for s, _ in right}):
             images = [marks for (s, _), marks in right.items() if s == subtask]

@@ -1,5 +1,6 @@
 """Multiple-choice letter accuracy (ScienceQA-IMG, MMBench), with option extraction and MMBench circular scoring."""
 
+import string
 from collections import defaultdict
 
 import datasets
@@ -9,10 +10,11 @@ from asymoe.eval.answers import check_lengths, choice_letter
 
 _KWARGS = """
 Args:
-    predictions (`list[str]`): answers: a letter ("B", "(B)", "B. text", "The answer is B") or an option's text.
-    references (`list[str]`): the right letter ("A", "B", ...).
+    predictions (`list[str]`): answers: a letter ("B", "(B)", "B."), an answer starting with one ("B. text",
+        "(B) text"), "The answer is B" / "Answer: B", or (given options) an option's text; anything else is wrong.
+    references (`list[str]`): the right letter ("A", "B", ...; any case), one of the options' when they are given.
     options (`list[list[str]]`, *optional*): the option texts of each question, to read answers that give the
-        text instead of the letter (an answer containing exactly one option's text picks it).
+        text instead of the letter (the answer is an option's text, or contains exactly one as whole words).
     question_ids (`list[str]`, *optional*): MMBench circular evaluation: the rows of one question with shifted
         options share an id; the question counts right only if every row is right.
 Returns:
@@ -34,9 +36,12 @@ class MultipleChoice(evaluate.Metric):
         count = check_lengths(predictions=predictions, references=references, options=options,
                               question_ids=question_ids)
         options = options or [None] * count
-        right = [
-            choice_letter(p, o) == r.strip().upper() for p, r, o in zip(predictions, references, options)
-        ]
+        letters = [reference.strip().upper() for reference in references]
+        for letter, choices in zip(letters, options):
+            valid = string.ascii_uppercase if choices is None else string.ascii_uppercase[: len(choices)]
+            if len(letter) != 1 or letter not in valid:
+                raise ValueError(f"reference {letter!r} is not an option letter (one of {valid!r}).")
+        right = [choice_letter(p, o) == r for p, o, r in zip(predictions, options, letters)]
         results = {"accuracy": sum(right) / count}
         if question_ids is not None:
             by_question = defaultdict(list)

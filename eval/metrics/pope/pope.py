@@ -3,14 +3,16 @@
 import datasets
 import evaluate
 
-from asymoe.eval.answers import check_lengths, yes_no
+from asymoe.eval.answers import check_lengths, pope_yes_no, yes_no_references
 
 _KWARGS = """
 Args:
-    predictions (`list[str]`): free-form answers; the first sentence counts as "no" if it contains no/not.
-    references (`list[str]`): "yes" or "no".
+    predictions (`list[str]`): free-form answers, read as LLaVA's POPE evaluation does: "no" if the first sentence
+        has the word "no", "No" or "not", otherwise "yes".
+    references (`list[str]`): "yes" or "no" (any case).
 Returns:
-    accuracy, precision, recall, f1, yes_ratio (`float`, in [0, 1]).
+    accuracy, precision, recall, f1 (positive class "yes"; 0 when undefined), yes_ratio (share of "yes" readings),
+    all `float` in [0, 1].
 """
 
 _CITATION = """@inproceedings{li2023evaluating, title={Evaluating Object Hallucination in Large Vision-Language
@@ -19,19 +21,18 @@ Models}, author={Li, Yifan and others}, booktitle={EMNLP}, year={2023}}"""
 
 class Pope(evaluate.Metric):
     def _info(self):
+        text = datasets.Value("string")
         return evaluate.MetricInfo(
             description="POPE: yes/no object-existence questions scored as binary classification.",
             citation=_CITATION,
             inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features({"predictions": text, "references": text}),
         )
 
     def _compute(self, predictions, references):
         count = check_lengths(predictions=predictions, references=references)
-        truth = [r.strip().lower() for r in references]
-        if bad := sorted({r for r in truth if r not in ("yes", "no")}):
-            raise ValueError(f"POPE references must be 'yes' or 'no', got {bad}.")
-        said = [yes_no(p) for p in predictions]
+        truth = yes_no_references(references, "POPE")
+        said = [pope_yes_no(prediction) for prediction in predictions]
         tp = sum(s == "yes" and t == "yes" for s, t in zip(said, truth))
         fp = sum(s == "yes" and t == "no" for s, t in zip(said, truth))
         fn = sum(s == "no" and t == "yes" for s, t in zip(said, truth))

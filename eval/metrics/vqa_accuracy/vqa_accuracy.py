@@ -6,16 +6,18 @@ import evaluate
 from asymoe.eval.answers import check_lengths, normalize_answer
 
 _DESCRIPTION = """
-For each question with n annotator answers, the prediction scores the mean over the n leave-one-out subsets of
-min(1, #matching answers in the subset / 3), after the official VQA normalisation of prediction and answers.
-With the usual 10 answers this is the VQAv2 metric; with 2-9 answers the same rule applies to what is there; with a
-single answer (no subset to leave it out of) the prediction scores 1 if it matches it, else 0.
+The VQAv2 accuracy. The prediction and every annotator answer get the official VQA normalisation (as TextVQA's
+evaluator, which LLaVA uses, applies it; the official script only strips the answers' punctuation, and only when
+annotators disagree). With n answers the prediction scores the mean over the n leave-one-out subsets of
+min(1, #answers in the subset equal to it / k), k = min(3, n - 1): for the usual n = 10, the official
+min(1, matches / 3) over the 10 subsets of 9. Fewer answers need fewer matches (k = 2 for three, 1 for two), so a
+prediction every annotator gave scores 1; a single answer is an exact match.
 """
 
 _KWARGS = """
 Args:
     predictions (`list[str]`): model answers.
-    references (`list[list[str]]`): the annotators' answers of each question.
+    references (`list[list[str]]`): the annotators' answers of each question (usually 10; at least 1).
 Returns:
     vqa_accuracy (`float`): mean accuracy in [0, 1].
 """
@@ -25,15 +27,14 @@ booktitle={CVPR}, year={2017}}"""
 
 
 def question_accuracy(prediction: str, answers: list[str]) -> float:
+    """Leave-one-out accuracy of one prediction against its annotators' answers (see the description)."""
     prediction = normalize_answer(prediction)
-    answers = [normalize_answer(a) for a in answers]
+    answers = [normalize_answer(answer) for answer in answers]
+    matches = answers.count(prediction)
     if len(answers) == 1:
-        return float(prediction == answers[0])
-    scores = []
-    for left_out in range(len(answers)):
-        matches = sum(a == prediction for i, a in enumerate(answers) if i != left_out)
-        scores.append(min(1.0, matches / 3))
-    return sum(scores) / len(scores)
+        return float(matches)
+    needed = min(3, len(answers) - 1)
+    return sum(min(1.0, (matches - (answer == prediction)) / needed) for answer in answers) / len(answers)
 
 
 class VQAAccuracy(evaluate.Metric):
@@ -45,6 +46,7 @@ class VQAAccuracy(evaluate.Metric):
             features=datasets.Features(
                 {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
             ),
+            reference_urls=["https://visualqa.org/evaluation.html"],
         )
 
     def _compute(self, predictions, references):
