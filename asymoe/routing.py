@@ -97,6 +97,20 @@ class RoutingStatistics:
 
         return model.register_forward_hook(hook, with_kwargs=True)
 
+    def all_reduce(self, device: torch.device | str = "cpu") -> None:
+        """Sum the counts over the processes of `torch.distributed`'s default group (nothing without one), so that
+        every rank holds the routing of all ranks' forwards. A collective: every rank must call it; `device` is
+        where the backend reduces (cuda for NCCL)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        parts = [self.tokens, self.entropy, *self.slots]
+        flat = torch.cat([part.reshape(-1).double() for part in parts]).to(device)
+        dist.all_reduce(flat)
+        for part, values in zip(parts, flat.cpu().split([part.numel() for part in parts])):
+            part.copy_(values.view_as(part))  # counts are exact in float64
+
     def summary(self) -> list[dict]:
         """One dict per MoE layer: for each modality, tokens, the share of top-k slots per group and per expert,
         and the mean normalised router entropy (None where the modality sent no tokens)."""

@@ -4,8 +4,8 @@
         --model_name_or_path outputs/sft --dataset_name outputs/demo/data --output_dir outputs/dpo
     accelerate launch --config_file configuration/accelerate/ddp.yaml -m asymoe.finetune.dpo --config ...
 
-Data (`--dataset_name`: a `save_to_disk` directory, a JSON/JSONL file or a local data set directory;
-`--dataset_format`):
+Data (`--dataset_name`: a `save_to_disk` directory, a JSON/JSONL file, a local data set directory or a Hub data set
+with `--dataset_config`; `--dataset_format`):
 - `preference`: `prompt`, `chosen`, `rejected` and `images` (a list) or `image`; plain strings (prompts with
   `<image>` placeholders, or without: the images then come first) or TRL's conversational messages;
 - `grounding`: the grounding benchmark (`asymoe grounding`): chosen = the answer the image supports, rejected = the
@@ -13,8 +13,9 @@ Data (`--dataset_name`: a `save_to_disk` directory, a JSON/JSONL file or a local
 Prompts go through the processor's chat template (LLaVA-1.5 for AsyMoE), as in SFT and evaluation.
 
 `--use_peft` puts LoRA where `asymoe.finetune.lora.lora_config` says (`--lora_targets`, `--lora_train_routers`,
-`--lora_evidence`; `--lora_dropout` must be 0 with experts); the reference model is then the base with the adapter
-disabled. `--load_in_4bit` / `--load_in_8bit` (QLoRA) need a CUDA GPU and bitsandbytes.
+`--lora_evidence`; `--lora_dropout` must be 0 with experts; other models: TRL's `--lora_target_modules`); the
+reference model is then the base with the adapter disabled. `--load_in_4bit` / `--load_in_8bit` (QLoRA) need a CUDA
+GPU and bitsandbytes.
 
 MoE load balancing: TRL adds `router_aux_loss_coef * aux_loss` for models whose text config has
 `output_router_logits`, but computes it with Mixtral's loss over all experts of a layer. AsyMoE routes each token
@@ -28,7 +29,6 @@ import json
 import sys
 import types
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from accelerate.utils import is_peft_model
@@ -36,22 +36,17 @@ from trl import DPOConfig, DPOTrainer, ModelConfig, ScriptArguments, TrlParser
 
 from ..eval.grounding import prior_answer
 from ..modeling.modeling_asymoe import router_losses
-from .data import _open_image, llava_messages, vqa_messages
-from .lora import EVIDENCE_MODES, LORA_TARGETS, lora_config, quantization_config
+from .data import convert_rows, default_image_folder, image_storage, llava_messages, load_rows, vqa_messages
+from .lora import LoraScriptArguments, script_peft
 
 PREFERENCE_FORMATS = ("preference", "grounding")
 
 
 @dataclass
-class DPOScriptArguments(ScriptArguments):
+class DPOScriptArguments(ScriptArguments, LoraScriptArguments):
     dataset_format: str = field(default="auto", metadata={"help": f"auto or one of {PREFERENCE_FORMATS}"})
     image_folder: str | None = field(default=None, metadata={"help": "folder relative image paths resolve against"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
-    lora_targets: str = field(default="attention+experts", metadata={
-        "help": f"with --use_peft: '+'-joined parts to adapt, from {LORA_TARGETS}"})
-    lora_train_routers: bool = field(default=False, metadata={"help": "with --use_peft: train the routers fully"})
-    lora_evidence: str = field(default="lora", metadata={
-        "help": f"with --use_peft: the evidence readouts, one of {EVIDENCE_MODES}"})
 
 
 def detect_preference_format(column_names: list[str]) -> str:
@@ -90,9 +85,10 @@ def to_preferences(dataset, data_format: str = "auto", image_folder: str | None 
             obj = main["objects"][main["main"]]
             rejected = prior_answer(row["question_type"], obj["shape"], obj["colour"])
             return {"prompt": vqa_messages(row["question"]), "chosen": _reply(row["answer"]),
-                    "rejected": _reply(rejected), "images": [row["image"]], "keep": rejected != row["answer"]}
+                    "rejected": _reply(rejected), "images": [image_storage(row["image"])],
+                    "keep": rejected != row["answer"]}
 
-        converted = dataset.map(convert, remove_columns=dataset.column_names, desc="to preferences")
+        converted = convert_rows(dataset, convert, "to preferences")
         return converted.filter(lambda keep: keep, input_columns="keep").select_columns(columns)
 
     if "images" not in dataset.column_names and "image" not in dataset.column_names:
@@ -100,30 +96,18 @@ def to_preferences(dataset, data_format: str = "auto", image_folder: str | None 
 
     def convert(row):
         images = row["images"] if "images" in row else [row["image"]]
-        images = [_open_image(image, image_folder) for image in images if image is not None]
+        images = [image_storage(image, image_folder) for image in images if image is not None]
         prompt = row["prompt"]
         return {"prompt": _user_turn(prompt, len(images)) if isinstance(prompt, str) else prompt,
                 "chosen": _reply(row["chosen"]), "rejected": _reply(row["rejected"]), "images": images}
 
-    return dataset.map(convert, remove_columns=dataset.column_names, desc="to preferences")
+    return convert_rows(dataset, convert, "to preferences")
 
 
-def load_preference_data(path: str, split: str = "train", data_format: str = "auto", image_folder: str | None = None):
-    """A split of a `save_to_disk` directory, a JSON/JSONL file or a local data set directory, as preferences."""
-    import datasets
-
-    source = Path(path)
-    if (source / "dataset_dict.json").is_file():
-        dataset = datasets.load_from_disk(str(source))[split]
-    elif source.suffix in (".json", ".jsonl"):
-        dataset = datasets.load_dataset("json", data_files=str(source), split="train")
-        image_folder = image_folder or str(source.parent)
-    elif source.is_dir():
-        dataset = datasets.load_dataset(str(source), split=split)
-    else:
-        raise FileNotFoundError(f"preference data {path!r} not found: give a save_to_disk directory, a JSON file or "
-                                "a local data set directory.")
-    return to_preferences(dataset, data_format, image_folder)
+def load_preference_data(path: str, split: str = "train", data_format: str = "auto", image_folder: str | None = None,
+                         name: str | None = None):
+    """`asymoe.finetune.data.load_rows` (any source) + `to_preferences`."""
+    return to_preferences(load_rows(path, split, name), data_format, default_image_folder(path, image_folder))
 
 
 def use_asymoe_router_losses(model) -> None:
@@ -175,8 +159,6 @@ class AsyMoEDPOTrainer(DPOTrainer):
 
 def main(argv: list[str] | None = None) -> AsyMoEDPOTrainer:
     """Run the script (`argv` as on the command line); returns the trainer after training and saving."""
-    from transformers import AutoConfig
-
     parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     if script_args.dataset_name is None:
@@ -188,33 +170,16 @@ def main(argv: list[str] | None = None) -> AsyMoEDPOTrainer:
         **({"dtype": model_args.dtype} if model_args.dtype not in (None, "auto") else {}),
         **({"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}),
     }
-    peft_config = quantization = None
-    if model_args.use_peft:
-        if model_args.lora_target_modules or model_args.lora_target_parameters:
-            parser.error("choose what LoRA adapts with --lora_targets (parts of AsyMoE), not --lora_target_modules "
-                         "/ --lora_target_parameters")
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                            trust_remote_code=training_args.trust_remote_code)
-        try:
-            peft_config = lora_config(config, script_args.lora_targets, rank=model_args.lora_r,
-                                      alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
-                                      train_routers=script_args.lora_train_routers, evidence=script_args.lora_evidence,
-                                      use_rslora=model_args.use_rslora)
-        except ValueError as err:
-            parser.error(str(err))
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        if not model_args.use_peft:
-            parser.error("--load_in_4bit / --load_in_8bit train adapters on a quantized model: add --use_peft")
-        quantization = quantization_config(4 if model_args.load_in_4bit else 8)
-
+    peft_config, quantization = script_peft(parser, script_args, model_args, training_args.trust_remote_code)
     dataset = load_preference_data(script_args.dataset_name, script_args.dataset_train_split,
-                                   script_args.dataset_format, script_args.image_folder)
+                                   script_args.dataset_format, script_args.image_folder, script_args.dataset_config)
     if script_args.max_train_samples is not None:
         dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = load_preference_data(script_args.dataset_name, script_args.dataset_test_split,
-                                            script_args.dataset_format, script_args.image_folder)
+                                            script_args.dataset_format, script_args.image_folder,
+                                            script_args.dataset_config)
     trainer = AsyMoEDPOTrainer(
         model=model_args.model_name_or_path,
         args=training_args,

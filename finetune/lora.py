@@ -22,6 +22,8 @@ AsyMoE's own parameters:
 QLoRA (`quantization_config`) needs a CUDA GPU and bitsandbytes: it quantizes the `nn.Linear` layers of the decoder
 and vision tower; the fused experts are `nn.Parameter`s, which bitsandbytes leaves in the compute dtype.
 
+The SFT and DPO scripts build their adapters with `script_peft` (`--use_peft`, `--lora_targets`, ...).
+
     asymoe merge-lora BASE ADAPTER OUTPUT    # BASE + adapter -> a plain checkpoint that loads with remote code
 """
 
@@ -32,11 +34,12 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
 LORA_TARGETS = ("attention", "mlp", "experts")
 EVIDENCE_MODES = ("lora", "full", "frozen")
@@ -125,15 +128,55 @@ def lora_config(
     )
 
 
-def quantization_config(bits: int = 4, compute_dtype: torch.dtype = torch.bfloat16):
+@dataclass
+class LoraScriptArguments:
+    """The TRL scripts' choice of what LoRA adapts in an AsyMoE model (`--use_peft`; rank, alpha, dropout and rsLoRA
+    are TRL's `--lora_r`, `--lora_alpha`, `--lora_dropout`, `--use_rslora`)."""
+
+    lora_targets: str = field(default="attention+experts", metadata={
+        "help": f"with --use_peft: '+'-joined parts to adapt, from {LORA_TARGETS}"})
+    lora_train_routers: bool = field(default=False, metadata={"help": "with --use_peft: train the routers fully"})
+    lora_evidence: str = field(default="lora", metadata={
+        "help": f"with --use_peft: the evidence readouts, one of {EVIDENCE_MODES}"})
+
+
+def script_peft(parser: argparse.ArgumentParser, script_args: LoraScriptArguments, model_args,
+                trust_remote_code: bool) -> tuple[LoraConfig | None, BitsAndBytesConfig | None]:
+    """`(peft_config, quantization_config)` for a TRL script's trainer from its flags (TRL's `ModelConfig` as
+    `model_args`): without `--use_peft` none; for AsyMoE models `lora_config`, for other models TRL's own
+    (`--lora_target_modules`); QLoRA with `--load_in_4bit` / `--load_in_8bit`. Usage errors exit via `parser.error`."""
+    from transformers import AutoConfig
+    from trl import get_peft_config
+
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    if not model_args.use_peft:
+        if quantized:
+            parser.error("--load_in_4bit / --load_in_8bit train adapters on a quantized model: add --use_peft")
+        return None, None
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=trust_remote_code)
+    if config.model_type != "asymoe":
+        peft_config = get_peft_config(model_args)
+    elif model_args.lora_target_modules or model_args.lora_target_parameters:
+        parser.error("choose what LoRA adapts in AsyMoE with --lora_targets (parts of AsyMoE), not "
+                     "--lora_target_modules / --lora_target_parameters")
+    else:
+        try:
+            peft_config = lora_config(config, script_args.lora_targets, rank=model_args.lora_r,
+                                      alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+                                      train_routers=script_args.lora_train_routers, evidence=script_args.lora_evidence,
+                                      use_rslora=model_args.use_rslora)
+        except ValueError as err:
+            parser.error(str(err))
+    return peft_config, quantization_config(4 if model_args.load_in_4bit else 8) if quantized else None
+
+
+def quantization_config(bits: int = 4, compute_dtype: torch.dtype = torch.bfloat16) -> BitsAndBytesConfig:
     """QLoRA's `BitsAndBytesConfig` (NF4 with double quantization for 4 bits, LLM.int8 for 8) for loading an AsyMoE
     model. GPU only: needs CUDA and `pip install bitsandbytes`.
 
     The LM head (TRL reads its weight directly), the projector and the evidence readouts stay unquantized; the
     routers and fused experts are parameters, not `nn.Linear`s, and bitsandbytes leaves them in `compute_dtype`.
     """
-    from transformers import BitsAndBytesConfig
-
     if bits not in (4, 8):
         raise ValueError(f"bits={bits}: bitsandbytes quantizes to 4 or 8 bits.")
     if not torch.cuda.is_available():

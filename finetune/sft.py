@@ -3,10 +3,12 @@
     python -m asymoe.finetune.sft --config configuration/recipes/sft_tiny.yaml
     accelerate launch --config_file configuration/accelerate/ddp.yaml -m asymoe.finetune.sft --config ...
 
-Data: `--dataset_name` is a `save_to_disk` directory (e.g. the grounding benchmark), a LLaVA JSON file or a local
-data set directory; `--dataset_format` auto | messages | llava | vqa (see `asymoe.finetune.data`). Only assistant
-tokens are trained (`assistant_only_loss=True` with the chat template's `{% generation %}` blocks). What trains:
-`--freeze` none | moe | projector | vision; AsyMoE-specific parameters learn at `--asymoe_lr`.
+Data: `--dataset_name` is a `save_to_disk` directory (e.g. the grounding benchmark), a LLaVA JSON file, a local
+data set folder or a Hub data set (`--dataset_config`); `--dataset_format` auto | messages | llava | vqa (see
+`asymoe.finetune.data`). Only assistant tokens are trained (`assistant_only_loss=True` with the chat template's
+`{% generation %}` blocks). What trains: `--freeze` none | moe | projector | vision, or `--use_peft` (LoRA where
+`asymoe.finetune.lora.lora_config` says: `--lora_targets`, `--lora_train_routers`, `--lora_evidence`);
+AsyMoE-specific parameters learn at `--asymoe_lr`.
 """
 
 from __future__ import annotations
@@ -16,27 +18,31 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer
-from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
 
 from .callbacks import RoutingCallback
 from .data import FORMATS, load_training_data
-from .optim import FREEZE_SCHEMES, apply_freezing, parameter_groups
+from .lora import LoraScriptArguments, script_peft
+from .optim import FREEZE_SCHEMES, apply_freezing, separate_asymoe_groups, without_asymoe_decay
 
 
 @dataclass
-class SFTScriptArguments(ScriptArguments):
+class SFTScriptArguments(ScriptArguments, LoraScriptArguments):
     dataset_format: str = field(default="auto", metadata={"help": f"auto or one of {FORMATS}"})
-    image_folder: str | None = field(default=None, metadata={"help": "folder relative image paths resolve against"})
+    image_folder: str | None = field(
+        default=None, metadata={"help": "folder relative image paths resolve against (default for a JSON file: its "
+                                        "folder)"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
-    freeze: str = field(default="none", metadata={"help": f"what stays frozen: one of {FREEZE_SCHEMES}"})
+    freeze: str = field(default="none", metadata={"help": f"what trains: one of {FREEZE_SCHEMES}"})
     asymoe_lr: float | None = field(
-        default=None, metadata={"help": "learning rate of curvature, Möbius biases/scales, evidence readouts "
+        default=None, metadata={"help": "learning rate of curvature, Möbius biases/scales and evidence readouts "
                                         "(default: --learning_rate)"})
 
 
 class AsyMoESFTTrainer(SFTTrainer):
-    """`SFTTrainer` that trains with the model's own loss (LM loss on labelled tokens + router aux/z losses), puts
-    AsyMoE-specific parameters in their own optimizer group, applies a freezing scheme and logs routing."""
+    """`SFTTrainer` that trains with the model's own loss (LM loss on labelled tokens + router aux/z losses, the
+    router term weighted as one per micro-batch), puts AsyMoE-specific parameters in their own optimizer groups,
+    applies a freezing scheme and logs routing."""
 
     def __init__(self, *args, freeze: str = "none", asymoe_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -48,12 +54,14 @@ class AsyMoESFTTrainer(SFTTrainer):
         # First, so that the reporters (and the printed logs) see the routing scalars it adds.
         self.callback_handler.callbacks.insert(0, RoutingCallback())
 
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return without_asymoe_decay(super().get_decay_parameter_names(model))
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            model = self.model if model is None else model
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-            groups = parameter_groups(model, self.args.learning_rate, self.args.weight_decay, self.asymoe_lr)
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            super().create_optimizer(model)
+            separate_asymoe_groups(self.optimizer, self.model if model is None else model,
+                                   self.args.learning_rate if self.asymoe_lr is None else self.asymoe_lr)
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -62,19 +70,39 @@ class AsyMoESFTTrainer(SFTTrainer):
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
+        labels = inputs["labels"][:, 1:]
         loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        labels = inputs["labels"][:, 1:]
+        if getattr(outputs, "aux_loss", None) is not None:
+            loss = loss + self._router_loss_correction(outputs, num_items_in_batch).to(loss.device)
+            for name in ("aux_loss", "z_loss"):
+                value = self.accelerator.gather_for_metrics(getattr(outputs, name).detach().reshape(1))
+                self._metrics[mode][name].append(value.mean().item())
         mask = labels != -100
         predicted = outputs.logits[:, :-1].argmax(-1)
         correct, total = self.accelerator.gather_for_metrics(
             torch.stack([(predicted.eq(labels) & mask).sum(), mask.sum()]).reshape(1, 2)).sum(0)
         self._metrics[mode]["mean_token_accuracy"].append((correct / total.clamp(min=1)).item())
-        if getattr(outputs, "aux_loss", None) is not None:
-            aux = self.accelerator.gather_for_metrics(outputs.aux_loss.detach().reshape(1))
-            self._metrics[mode]["aux_loss"].append(aux.mean().item())
         return (loss, outputs) if return_outputs else loss
+
+    def _router_loss_correction(self, outputs, num_items_in_batch) -> torch.Tensor:
+        """What makes the router term (aux + z-loss) of `Trainer.compute_loss`'s loss count once per micro-batch.
+
+        With `num_items_in_batch` the Trainer normalises the LM loss by the tokens of the whole accumulated batch of
+        all ranks: it multiplies the model's loss by the world size (DDP averages gradients) and skips the division
+        by the accumulation steps, over-weighting the model's router term by both. TRL weights its own aux loss as
+        this restores: divided by the accumulation steps, averaged over ranks."""
+        config = self.model.config.get_text_config()
+        router = config.router_aux_loss_coef * outputs.aux_loss
+        if config.router_z_loss_coef:
+            router = router + config.router_z_loss_coef * outputs.z_loss
+        normalised = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        steps = self.current_gradient_accumulation_steps if normalised else 1
+        included = 1 if outputs.loss is not None else 0  # no model loss: a label smoother took the labels
+        if normalised and self.args.average_tokens_across_devices:
+            included *= self.accelerator.num_processes // self.get_tp_size()
+        return router * (1 / steps - included)
 
 
 def main(argv: list[str] | None = None) -> AsyMoESFTTrainer:
@@ -82,22 +110,26 @@ def main(argv: list[str] | None = None) -> AsyMoESFTTrainer:
     parser = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     if script_args.dataset_name is None:
-        parser.error("--dataset_name is required (a save_to_disk directory, a LLaVA JSON file or a data set folder)")
+        parser.error("--dataset_name is required (a save_to_disk directory, a LLaVA JSON file or a data set)")
+    if model_args.model_name_or_path is None:
+        parser.error("--model_name_or_path is required")
     training_args.max_length = None  # truncation would cut image placeholders
     training_args.model_init_kwargs = {
         **(training_args.model_init_kwargs or {}),
         **({"dtype": model_args.dtype} if model_args.dtype not in (None, "auto") else {}),
         **({"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}),
     }
+    peft_config, quantization = script_peft(parser, script_args, model_args, training_args.trust_remote_code)
     dataset = load_training_data(script_args.dataset_name, script_args.dataset_train_split,
-                                 script_args.dataset_format, script_args.image_folder)
+                                 script_args.dataset_format, script_args.image_folder, script_args.dataset_config)
     if script_args.max_train_samples is not None:
         dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
     trainer = AsyMoESFTTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=dataset,
-        peft_config=get_peft_config(model_args),
+        peft_config=peft_config,
+        quantization_config=quantization,
         freeze=script_args.freeze,
         asymoe_lr=script_args.asymoe_lr,
     )

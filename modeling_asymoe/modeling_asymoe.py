@@ -335,9 +335,10 @@ class AsyMoEExperts(AsyMoEExpertsMixin, nn.Module):
         if self.is_hyperbolic:
             self.mobius_bias_gate_up = nn.Parameter(torch.zeros(layout.num_inter, 2 * self.intermediate_dim))
             self.mobius_bias_down = nn.Parameter(torch.zeros(layout.num_inter, self.hidden_dim))
-            self.log_scale_gate_up = nn.Parameter(torch.zeros(()))
-            self.log_scale_down = nn.Parameter(torch.zeros(()))
-            self.raw_curvature = nn.Parameter(torch.zeros(()), requires_grad=config.learn_curvature)
+            # Shape [1], not 0-d: FSDP2's `fully_shard` rejects scalar parameters.
+            self.log_scale_gate_up = nn.Parameter(torch.zeros(1))
+            self.log_scale_down = nn.Parameter(torch.zeros(1))
+            self.raw_curvature = nn.Parameter(torch.zeros(1), requires_grad=config.learn_curvature)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,

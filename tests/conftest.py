@@ -71,3 +71,18 @@ def make_model(tokenizer):
         return AsyMoEForConditionalGeneration(tiny_config(tokenizer, moe_variant, **text_overrides)).eval()
 
     return make
+
+
+def save_training_setup(root, **grounding):
+    """Under `root`: a tiny AsyMoE with its processor (`model/`; router logits on, so TRL treats it as MoE) and a
+    grounding training set (`data/`, `GroundingConfig(**grounding)` without validation and test splits)."""
+    from asymoe.eval.grounding import GroundingConfig, build_grounding, grounding_vocabulary, save_grounding
+    from asymoe.finetune.data import SHORT_ANSWER_PROMPT
+
+    tokenizer = build_tokenizer(grounding_vocabulary() + SHORT_ANSWER_PROMPT.split())
+    config = tiny_config(tokenizer, output_router_logits=True)
+    torch.manual_seed(0)
+    AsyMoEForConditionalGeneration(config).save_pretrained(root / "model")
+    tiny_processor(config, tokenizer).save_pretrained(root / "model")
+    save_grounding(build_grounding(GroundingConfig(validation_size=0, test_size=0, **grounding)), root / "data")
+    return root

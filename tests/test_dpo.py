@@ -7,13 +7,11 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import make_image
+from conftest import make_image, save_training_setup
 
 from asymoe import AsyMoEForConditionalGeneration
-from asymoe.eval.grounding import GroundingConfig, build_grounding, grounding_vocabulary, save_grounding
 from asymoe.finetune.data import SHORT_ANSWER_PROMPT
 from asymoe.finetune.dpo import AsyMoEDPOTrainer, main, to_preferences
-from asymoe.tiny import build_tokenizer, tiny_config, tiny_processor
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "configuration/recipes/dpo_tiny.yaml")
@@ -21,16 +19,8 @@ RECIPE = str(REPO / "configuration/recipes/dpo_tiny.yaml")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A saved tiny AsyMoE (router logits on: TRL treats it as MoE) and grounding data that breaks the prior."""
-    root = tmp_path_factory.mktemp("dpo")
-    tokenizer = build_tokenizer(grounding_vocabulary() + SHORT_ANSWER_PROMPT.split())
-    config = tiny_config(tokenizer, output_router_logits=True)
-    torch.manual_seed(0)
-    AsyMoEForConditionalGeneration(config).save_pretrained(root / "model")
-    tiny_processor(config, tokenizer).save_pretrained(root / "model")
-    save_grounding(build_grounding(GroundingConfig(train_size=24, validation_size=0, test_size=0,
-                                                   prior_strength=0.0)), root / "data")
-    return root
+    """A saved tiny AsyMoE and grounding data that breaks the prior."""
+    return save_training_setup(tmp_path_factory.mktemp("dpo"), train_size=24, prior_strength=0.0)
 
 
 def test_grounding_rows_prefer_the_image_over_the_prior(tiny):

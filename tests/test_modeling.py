@@ -46,7 +46,7 @@ def wake(model: AsyMoEForConditionalGeneration, std: float = 0.1, mobius_std: fl
     generator, mobius_generator = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.startswith("model.vision_tower") or param.ndim == 0 or "norm" in name:
+            if name.startswith("model.vision_tower") or ".log_scale_" in name or "curvature" in name or "norm" in name:
                 continue
             if ".mobius_bias_" in name:
                 param.copy_(torch.randn(param.shape, generator=mobius_generator) * mobius_std)

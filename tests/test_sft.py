@@ -1,21 +1,19 @@
 """SFT through TRL's SFTTrainer: model given as a path with trust_remote_code, exact label masks, aux loss and routing
-logged, loss goes down, resume continues the same run; freezing schemes and AsyMoE's optimizer group; 2-process DDP."""
+logged, loss goes down, resume continues the same run; the router loss under gradient accumulation; freezing schemes,
+AsyMoE's optimizer groups, LoRA through `lora_config`; data formats. Multi-process runs: test_sft_distributed.py."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_training_setup
 
 from asymoe import AsyMoEForConditionalGeneration
-from asymoe.eval.grounding import GroundingConfig, build_grounding, grounding_vocabulary, save_grounding
-from asymoe.finetune.data import SHORT_ANSWER_PROMPT, llava_messages, to_conversations
-from asymoe.finetune.optim import apply_freezing, parameter_groups
+from asymoe.finetune.data import llava_messages, to_conversations
+from asymoe.finetune.lora import lora_config
+from asymoe.finetune.optim import apply_freezing
 from asymoe.finetune.sft import main
-from asymoe.tiny import build_tokenizer, tiny_config, tiny_processor
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "configuration/recipes/sft_tiny.yaml")
@@ -23,15 +21,7 @@ RECIPE = str(REPO / "configuration/recipes/sft_tiny.yaml")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A saved tiny AsyMoE (router logits on, so TRL treats it as MoE) and a small grounding data set."""
-    root = tmp_path_factory.mktemp("sft")
-    tokenizer = build_tokenizer(grounding_vocabulary() + SHORT_ANSWER_PROMPT.split())
-    config = tiny_config(tokenizer, output_router_logits=True)
-    torch.manual_seed(0)
-    AsyMoEForConditionalGeneration(config).save_pretrained(root / "model")
-    tiny_processor(config, tokenizer).save_pretrained(root / "model")
-    save_grounding(build_grounding(GroundingConfig(train_size=16, validation_size=0, test_size=0)), root / "data")
-    return root
+    return save_training_setup(tmp_path_factory.mktemp("sft"), train_size=16)
 
 
 def run_sft(tiny, output, *extra):
@@ -43,7 +33,7 @@ def run_sft(tiny, output, *extra):
 @pytest.fixture(scope="module")
 def trained(tiny):
     return run_sft(tiny, tiny / "run", "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "6",
-                   "--lr_scheduler_type", "constant", "--warmup_steps", "0")
+                   "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--weight_decay", "0.1")
 
 
 def test_labels_only_on_the_answer(trained, tiny):
@@ -62,7 +52,7 @@ def test_labels_only_on_the_answer(trained, tiny):
 def test_training_logs_and_outputs(trained, tiny):
     history = [h for h in trained.state.log_history if "loss" in h]
     assert len(history) == 12
-    assert all("aux_loss" in h and h["aux_loss"] > 0 for h in history)
+    assert all(h["aux_loss"] > 0 and h["z_loss"] > 0 for h in history)
     assert all("routing/L3/text/evidence" in h and "routing/L1/image/inter" in h for h in history)
     # Two batches of 8 rows repeat: the loss on them falls.
     assert sum(h["loss"] for h in history[-2:]) < 0.7 * sum(h["loss"] for h in history[:2])
@@ -76,7 +66,7 @@ def test_training_logs_and_outputs(trained, tiny):
 def test_resume_continues_the_same_run(trained, tiny):
     resumed = run_sft(tiny, tiny / "run", "--max_steps", "12", "--resume_from_checkpoint",
                       str(tiny / "run" / "checkpoint-6"), "--save_strategy", "no", "--lr_scheduler_type", "constant",
-                      "--warmup_steps", "0")
+                      "--warmup_steps", "0", "--weight_decay", "0.1")
     assert resumed.state.global_step == 12
     full = {h["step"]: h["loss"] for h in trained.state.log_history if "loss" in h}
     again = {h["step"]: h["loss"] for h in resumed.state.log_history if "loss" in h and h["step"] > 6}
@@ -85,61 +75,116 @@ def test_resume_continues_the_same_run(trained, tiny):
         assert loss == pytest.approx(full[step], rel=1e-4)
 
 
-def test_freezing_and_optimizer_groups(tiny):
+def test_router_loss_counts_once_per_micro_batch(trained):
+    """With gradient accumulation the Trainer normalises the LM loss by the tokens of all micro-batches and does not
+    divide by the steps: the router loss must still enter once per micro-batch (divided by the steps)."""
+    inputs = trained._prepare_inputs(trained.data_collator([trained.train_dataset[i] for i in range(4)]))
+    tokens = (inputs["labels"][:, 1:] != -100).sum()
+    model = trained.model.eval()
+    trained.current_gradient_accumulation_steps = 4
+    with torch.no_grad():
+        own = model(**inputs, output_router_logits=True)  # mean LM loss + router term
+        loss = trained.compute_loss(model, dict(inputs), num_items_in_batch=4 * tokens)
+    config = model.config.text_config
+    router = config.router_aux_loss_coef * own.aux_loss + config.router_z_loss_coef * own.z_loss
+    torch.testing.assert_close(loss, (own.loss - router) / 4 + router / 4)
+
+
+def test_optimizer_groups(trained):
+    """AsyMoE-specific parameters in their own groups at --asymoe_lr; no decay on curvature, biases, scales, norms."""
+    names = {id(p): n for n, p in trained.model.named_parameters()}
+    seen = set()
+    for group in trained.optimizer.param_groups:
+        group_names = [names[id(p)] for p in group["params"]]
+        seen.update(group_names)
+        assert group["lr"] == (1e-3 if group["asymoe"] else 2e-3)
+        for name in group_names:
+            assert group["asymoe"] == any(key in name for key in ("raw_curvature", "mobius_bias", "log_scale",
+                                                                   ".mlp.evidence."))
+            no_decay = any(key in name for key in ("raw_curvature", "mobius_bias", "log_scale", "bias", "norm"))
+            assert group["weight_decay"] == (0.0 if no_decay else 0.1), name
+    assert seen == {n for n, p in trained.model.named_parameters() if p.requires_grad}
+
+
+def test_freezing_schemes(tiny):
     model = AsyMoEForConditionalGeneration.from_pretrained(tiny / "model")
     counts = apply_freezing(model, "moe")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".mlp.experts." in n or ".mlp.router." in n or ".mlp.evidence." in n for n in trainable)
-    assert counts["trainable"] < counts["total"]
+    assert any(n.endswith("raw_curvature") for n in trainable) and counts["trainable"] < counts["total"]
     apply_freezing(model, "projector")
     assert {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad} == {"multi_modal_projector"}
-    apply_freezing(model, "none")
-    groups = parameter_groups(model, lr=1e-3, weight_decay=0.1, asymoe_lr=1e-4)
-    names = {id(p): n for n, p in model.named_parameters()}
-    for group in groups:
-        group_names = [names[id(p)] for p in group["params"]]
-        if any(n.endswith("raw_curvature") or "mobius_bias" in n for n in group_names):
-            assert group["asymoe"] and group["lr"] == 1e-4 and group["weight_decay"] == 0.0
-        if any(n.endswith("experts.gate_up_proj") for n in group_names):
-            assert group["lr"] == 1e-3 and group["weight_decay"] == 0.1
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    apply_freezing(model, "vision")
+    assert all(p.requires_grad != ("vision_tower" in n) for n, p in model.named_parameters())
     with pytest.raises(ValueError, match="freeze scheme"):
         apply_freezing(model, "experts")
 
 
-def test_llava_json_conversion(tmp_path):
-    from PIL import Image
+def test_use_peft_puts_lora_where_lora_config_says(tiny):
+    trainer = run_sft(tiny, tiny / "lora", "--max_steps", "1", "--use_peft", "--lora_r", "2", "--lora_alpha", "4")
+    adapter = trainer.model.peft_config["default"]
+    expected = lora_config(trainer.model.get_base_model(), rank=2, alpha=4)
+    assert (adapter.target_modules, adapter.target_parameters) == (expected.target_modules,
+                                                                   expected.target_parameters)
+    assert not any("router" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    with pytest.raises(SystemExit):  # AsyMoE's parts are chosen with --lora_targets
+        run_sft(tiny, tiny / "bad", "--use_peft", "--lora_target_modules", "q_proj")
+
+
+def test_llava_json_rows_mask_exactly(trained, tmp_path):
+    """LLaVA rows (one text-only) collate with the processor: labels are exactly the answers + </s>, images
+    resolve against image_folder and stay undecoded until read."""
     import datasets
+    from PIL import Image
 
     Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
-    rows = datasets.Dataset.from_list([{"image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"}]}])
-    converted = to_conversations(rows, "auto", image_folder=tmp_path)[0]
-    user, assistant = converted["messages"]
+    rows = datasets.Dataset.from_list([
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat color ?"},
+                                             {"from": "gpt", "value": "red"},
+                                             {"from": "human", "value": "what shape ?"},
+                                             {"from": "gpt", "value": "circle"}]},
+        {"image": None, "conversations": [{"from": "human", "value": "what color"}, {"from": "gpt", "value": "blue"}]},
+    ])
+    converted = to_conversations(rows, "auto", image_folder=tmp_path)
+    stored = converted.with_format("arrow")["images"].to_pylist()
+    assert stored[0] == [{"bytes": None, "path": str(tmp_path / "a.png")}]
+    user = converted[0]["messages"][0]
     assert [part["type"] for part in user["content"]] == ["image", "text"]
-    assert user["content"][1]["text"] == "What color?" and assistant["content"][0]["text"] == "red"
-    assert converted["images"][0].size == (8, 8)
+    assert user["content"][1]["text"] == "what color ?"
+    assert converted[0]["images"][0].size == (8, 8) and converted[1]["images"] == []
+    batch = trained.data_collator([converted[0], converted[1]])
+    tokenizer = trained.processing_class.tokenizer
+
+    def ids(*answers):
+        return [i for answer in answers for i in tokenizer(answer, add_special_tokens=False)["input_ids"]
+                + [tokenizer.eos_token_id]]
+
+    assert [i[labels != -100].tolist() for i, labels in zip(batch["input_ids"], batch["labels"])] == [
+        ids("red", "circle"), ids("blue")]
     with pytest.raises(ValueError, match="image_folder"):
         to_conversations(rows, "llava")
     with pytest.raises(ValueError, match="speaker"):
         llava_messages([{"from": "robot", "value": "hi"}])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("config", "kind"), [("ddp", "MULTI_CPU")])
-def test_two_processes_on_cpu(tiny, config, kind):
-    """`accelerate launch` with the project's DDP config, 2 CPU processes (torchrun; gloo). FSDP2 is GPU-only:
-    accelerate 1.15 runs an FSDP config on CPU as plain MULTI_CPU DDP (docs/finetuning.md)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    output = tiny / config
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / f"configuration/accelerate/{config}.yaml"), "--num_processes", "2",
-               "--mixed_precision", "no", "-m", "asymoe.finetune.sft", "--config", RECIPE,
-               "--model_name_or_path", str(tiny / "model"), "--dataset_name", str(tiny / "data"),
-               "--output_dir", str(output), "--max_steps", "3", "--per_device_train_batch_size", "4",
-               "--logging_steps", "1"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"({kind}, world size 2)" in result.stdout, result.stdout[-2000:]
-    reloaded = AsyMoEForConditionalGeneration.from_pretrained(output)
-    assert reloaded.moe_blocks()[0].experts.gate_up_proj.shape[0] == 4
+def test_string_messages_place_images_once(trained):
+    """`messages` rows with string content: `<image>` marks where the image goes (no second placeholder)."""
+    import datasets
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 8), "blue")
+    rows = datasets.Dataset.from_list([
+        {"messages": [{"role": "user", "content": "what color <image>"}, {"role": "assistant", "content": "blue"}],
+         "images": [image]},
+        {"messages": [{"role": "user", "content": "what color"}, {"role": "assistant", "content": "blue"}],
+         "images": [image]},
+    ])
+    converted = to_conversations(rows)
+    assert [p["type"] for p in converted[0]["messages"][0]["content"]] == ["text", "image"]
+    assert [p["type"] for p in converted[1]["messages"][0]["content"]] == ["image", "text"]
+    batch = trained.data_collator([converted[0], converted[1]])
+    image_tokens = (batch["input_ids"] == trained.processing_class.image_token_id).sum(-1)
+    assert image_tokens.tolist() == [trained.model.config.num_image_tokens] * 2
+    with pytest.raises(ValueError, match="2 image placeholders and 1 images"):
+        to_conversations(datasets.Dataset.from_list([{**rows[0], "messages": [
+            {"role": "user", "content": "<image> <image>"}, {"role": "assistant", "content": "blue"}]}]))
