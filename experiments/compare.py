@@ -44,10 +44,10 @@ def variants(num_layers: int) -> dict[str, dict]:
         "vanilla": {"moe_variant": "vanilla"},
         "modality": {"moe_variant": "modality"},
         "asymoe": {"moe_variant": "asymoe"},
-        "asymoe, Euclidean inter": {"moe_variant": "asymoe", "hyperbolic_inter": False},
-        "asymoe, no evidence": {"moe_variant": "asymoe", "evidence_experts": False},
-        "asymoe, Lorentz": {"moe_variant": "asymoe", "manifold": "lorentz"},
-        "asymoe, evidence in all MoE layers": {"moe_variant": "asymoe", "evidence_layers": moe_layers},
+        "asymoe-euclidean": {"moe_variant": "asymoe", "hyperbolic_inter": False},  # no hyperbolic
+        "asymoe-no-evidence": {"moe_variant": "asymoe", "evidence_experts": False},
+        "asymoe-lorentz": {"moe_variant": "asymoe", "manifold": "lorentz"},  # default: Poincaré
+        "asymoe-evidence-all": {"moe_variant": "asymoe", "evidence_layers": moe_layers},  # default: deeper half
     }
 
 
