@@ -15,6 +15,7 @@ from asymoe.modeling.hyperbolic_asymoe import (
     lorentz_logmap0,
     mobius_add,
     mobius_bias,
+    mobius_bias_reference,
     mobius_translate,
     poincare_expmap0,
     poincare_logmap0,
@@ -255,3 +256,31 @@ def test_mobius_bias_at_origin_is_scaled_beta(manifold):
     beta = tangents([2.0 / math.sqrt(0.9)], seed=3)[0]
     out = mobius_bias(torch.zeros(2, DIM), beta, scale, c, manifold, residual=False)
     torch.testing.assert_close(out, (scale * beta).expand(2, DIM), rtol=1e-4, atol=1e-5)
+
+
+# --- mobius_bias (span form, what the model runs) equals mobius_bias_reference (the composed maps) ----------------
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "textbook"])
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+def test_fast_mobius_bias_equals_reference(manifold, residual):
+    """Values and gradients (u, beta, scale, curvature) agree to fp32 rounding below the clamp, per-row biases (the
+    scalar parameters' gradients sum 384 rounding differences, amplified near the ball's edge: 1e-3); beyond the
+    Poincaré clamp, where artanh at the ball's edge amplifies 1-ulp differences ~5e4-fold, to 5e-3."""
+    scale, c = torch.tensor(1.7), torch.tensor(0.8)
+    below = tangents(torch.linspace(0.0, 3.0, 24) * scale / c.sqrt(), seed=0)
+    beta = torch.cat([torch.zeros(4, DIM), tangents(torch.linspace(0.01, 1.0, 20), seed=1)])
+    grads = []
+    for implementation in (mobius_bias_reference, mobius_bias):
+        leaves = [t.clone().requires_grad_() for t in (below, beta, scale, c)]
+        out = implementation(*leaves, manifold, residual)
+        (out * torch.linspace(-1.0, 1.0, DIM)).sum().backward()
+        grads.append((out.detach(), *(leaf.grad for leaf in leaves)))
+    for name, fast, reference in zip(("out", "u", "beta", "scale", "curvature"), grads[1], grads[0]):
+        rtol = 1e-3 if name in ("scale", "curvature") else 1e-4
+        torch.testing.assert_close(fast, reference, rtol=rtol, atol=1e-4, msg=name)
+
+    beyond = tangents(HUGE_NORMS, seed=2)
+    beta = tangents([0.5], seed=3)[0]
+    torch.testing.assert_close(mobius_bias(beyond, beta, scale, c, manifold, residual),
+                               mobius_bias_reference(beyond, beta, scale, c, manifold, residual), rtol=5e-3, atol=1e-4)
