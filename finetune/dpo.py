@@ -1,7 +1,7 @@
 """Direct preference optimisation of AsyMoE with TRL's `DPOTrainer`, on image + preference-pair data.
 
     python -m asymoe.finetune.dpo --config configuration/recipes/dpo_tiny.yaml \\
-        --model_name_or_path outputs/sft --dataset_name outputs/demo/data --output_dir outputs/dpo
+        --model_name_or_path outputs/sft --dataset_name outputs/demo/data/grounding --output_dir outputs/dpo
     accelerate launch --config_file configuration/accelerate/ddp.yaml -m asymoe.finetune.dpo --config ...
 
 Data (`--dataset_name`: a `save_to_disk` directory, a JSON/JSONL file, a local data set directory or a Hub data set
