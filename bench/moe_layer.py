@@ -1,5 +1,6 @@
 """One MoE layer, side by side in one process: AsyMoE block vs a dense SwiGLU of equal activated FLOPs vs
-transformers' `MixtralSparseMoeBlock` at matched experts; plus the hyperbolic vs Euclidean expert.
+transformers' `MixtralSparseMoeBlock` and `Qwen3MoeSparseMoeBlock` at matched experts; plus the hyperbolic vs
+Euclidean expert.
 
 Each case runs forward and forward+backward on the same tokens (a share of them image tokens, as in LLaVA), with
 balanced routing (random routers) and skewed routing (one reachable expert per modality favoured by ~6 logits).
@@ -22,8 +23,9 @@ import time
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import MixtralConfig
+from transformers import MixtralConfig, Qwen3MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from asymoe.configuration import AsyMoETextConfig
 from asymoe.io import atomic_write_text
@@ -98,7 +100,13 @@ def run(args) -> dict:
     )
     mixtral_config._experts_implementation = args.experts_implementation
     mixtral = MixtralSparseMoeBlock(mixtral_config).to(device)
-    for module in (asymoe, asymoe_euclidean, dense, mixtral):
+    qwen3_config = Qwen3MoeConfig(
+        hidden_size=args.hidden, moe_intermediate_size=args.intermediate, num_experts=num_experts,
+        num_experts_per_tok=args.top_k, norm_topk_prob=True,
+    )
+    qwen3_config._experts_implementation = args.experts_implementation
+    qwen3 = Qwen3MoeSparseMoeBlock(qwen3_config).to(device)
+    for module in (asymoe, asymoe_euclidean, dense, mixtral, qwen3):
         for name, param in module.named_parameters():
             with torch.no_grad():
                 if name.endswith("log_scale_gate_up"):  # the model's own init: s = sqrt(width)
@@ -116,6 +124,7 @@ def run(args) -> dict:
     cases = {
         "dense_ffn": lambda x: dense(x),
         "mixtral_block": lambda x: mixtral(x),
+        "qwen3_moe_block": lambda x: qwen3(x),
         "asymoe_block": lambda x: asymoe(x, image_mask),
         "asymoe_block_euclidean": lambda x: asymoe_euclidean(x, image_mask),
     }
@@ -127,6 +136,7 @@ def run(args) -> dict:
             skew(asymoe.router.weight, direction, favoured)
             skew(asymoe_euclidean.router.weight, direction, favoured)
             skew(mixtral.gate.weight, direction, [0])
+            skew(qwen3.gate.weight, direction, [0])
         for name, forward in cases.items():
             if routing == "skewed" and name == "dense_ffn":
                 continue
