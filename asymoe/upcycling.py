@@ -810,9 +810,15 @@ def _onevision_image_processor_parts(directory: Path, config: AsyMoEConfig, erro
             f"image tokens and vision_aspect_ratio={settings.get('vision_aspect_ratio')!r}, the model "
             f"{config.num_image_tokens} and {config.vision_aspect_ratio!r}."
         )
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(directory)
+    except ImportError:  # transformers 5.17 resolves OneVision to its torchvision processor even for a PIL config
+        from transformers import LlavaOnevisionImageProcessorPil
+
+        image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(directory)
     return _ProcessorParts(
         tokenizer=tokenizer,
-        image_processor=AutoImageProcessor.from_pretrained(directory),
+        image_processor=image_processor,
         chat_template=template or getattr(tokenizer, "chat_template", None),
         image_token=settings.get("image_token"),
         reason=f"{type(error).__name__}: {error}",

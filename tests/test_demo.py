@@ -5,9 +5,12 @@ import json
 
 import pytest
 import torch
+from conftest import needs_trl_vision_masks
 from transformers import AutoModelForImageTextToText
 
 from asymoe.demo import START, ComparisonConfig, run_comparison
+
+pytestmark = needs_trl_vision_masks
 
 
 @pytest.fixture(scope="module")

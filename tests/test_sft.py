@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_training_setup
+from conftest import needs_trl_vision_masks, save_training_setup
 
 from asymoe import AsyMoEForConditionalGeneration
 from asymoe.finetune.data import llava_messages, to_conversations
 from asymoe.finetune.lora import lora_config
 from asymoe.finetune.optim import apply_freezing
 from asymoe.finetune.sft import main
+
+pytestmark = needs_trl_vision_masks
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "configuration/recipes/sft_tiny.yaml")

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from conftest import save_training_setup
+from conftest import needs_trl_vision_masks, save_training_setup
 
 from asymoe import AsyMoEForConditionalGeneration
 
@@ -28,6 +28,7 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.slow
+@needs_trl_vision_masks
 def test_ddp_two_cpu_processes(tiny):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     output = tiny / "ddp"
