@@ -396,7 +396,7 @@ class AsyMoEEvidenceReadout(nn.Module):
         else:  # sliding-window cache keeps the last `num_keys` positions
             evidence = evidence_mask[:, -num_keys:]
             key_pos = torch.arange(total - num_keys, total, device=device)
-        query_pos = torch.arange(past_length, past_length + seq, device=device)
+        query_pos = torch.arange(seq, device=device) + past_length  # past_length may be a 0-d tensor (static cache)
         allowed = evidence[:, None, None, :] & (key_pos[None, :] <= query_pos[:, None])[None, None]
 
         query = self.q_proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim)
@@ -591,7 +591,7 @@ class AsyMoETextModel(AsyMoEPreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + seq, device=inputs_embeds.device).unsqueeze(0)
+            position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_length).unsqueeze(0)
         if image_mask is None:
             image_mask = torch.zeros(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
         if self.config.evidence_layers:
@@ -627,12 +627,31 @@ class AsyMoETextModel(AsyMoEPreTrainedModel):
         )
 
 
-def _evidence_history(cache: Cache | None, evidence_now: torch.Tensor, past_length: int) -> torch.Tensor:
+def _evidence_history(
+    cache: Cache | None, evidence_now: torch.Tensor, past_length: int | torch.Tensor
+) -> torch.Tensor:
     """Evidence mask over all positions seen so far. It is kept on the cache object, so that decoding steps (whose
-    inputs hold only new tokens) still know where the prompt's evidence is; generated tokens are never evidence."""
+    inputs hold only new tokens) still know where the prompt's evidence is; generated tokens are never evidence.
+
+    A static cache (compileable, no sliding layer) gets a fixed [batch, max_length] mask updated in place at this
+    forward's positions, like its keys: decoding steps then keep static shapes and read nothing on the host, so
+    `generate(cache_implementation="static")` compiles to one graph. Other caches get a mask that grows.
+    """
     if cache is None:
         return evidence_now
     previous = getattr(cache, "_asymoe_evidence", None)
+    if cache.is_compileable and not any(cache.is_sliding):
+        batch, seq = evidence_now.shape
+        capacity = cache.get_max_length()
+        if previous is None or previous.shape != (batch, capacity) or previous.device != evidence_now.device:
+            previous = evidence_now.new_zeros(batch, capacity)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(previous)  # in-place updates keep CUDA graphs valid
+            cache._asymoe_evidence = previous
+        slots = torch.arange(capacity, device=previous.device)
+        previous &= slots < past_length  # a reset cache restarts at 0: forget what it held beyond its length
+        previous.index_copy_(1, torch.arange(seq, device=previous.device) + past_length, evidence_now)
+        return previous
     if previous is None or previous.shape[0] != evidence_now.shape[0]:
         previous = evidence_now.new_zeros(evidence_now.shape[0], 0)
     previous = F.pad(previous[:, :past_length], (0, max(0, past_length - previous.shape[1])))
@@ -831,7 +850,6 @@ class AsyMoEModel(AsyMoEPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_features = None
-        num_placeholders = int(image_mask.sum()) if image_mask is not None else 0
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values, image_sizes, batch_num_images)
             if isinstance(image_features, list):  # anyres: one tensor per image, of its own length
@@ -840,20 +858,25 @@ class AsyMoEModel(AsyMoEPreTrainedModel):
             else:
                 per_image = [image_features.shape[1]] * image_features.shape[0]
             flat_features = image_features.reshape(-1, image_features.shape[-1])
-            if num_placeholders != flat_features.shape[0]:
-                raise ValueError(
-                    f"Image features and image tokens do not match: the text holds {num_placeholders} image tokens "
-                    f"(id {self.config.image_token_id}) but {len(per_image)} image(s) give {flat_features.shape[0]} "
-                    f"features ({per_image} per image). Put one '<image>' per image in the text and let "
-                    "AsyMoEProcessor expand it."
-                )
+            if not torch.compiler.is_compiling():  # counting reads a tensor on the host: eager forwards only
+                num_placeholders = int(image_mask.sum())
+                if num_placeholders != flat_features.shape[0]:
+                    raise ValueError(
+                        f"Image features and image tokens do not match: the text holds {num_placeholders} image "
+                        f"tokens (id {self.config.image_token_id}) but {len(per_image)} image(s) give "
+                        f"{flat_features.shape[0]} features ({per_image} per image). Put one '<image>' per image in "
+                        "the text and let AsyMoEProcessor expand it."
+                    )
             inputs_embeds = inputs_embeds.masked_scatter(
                 image_mask.unsqueeze(-1).to(inputs_embeds.device), flat_features.to(inputs_embeds.dtype)
             )
-        elif num_placeholders and not (past_key_values is not None and past_key_values.get_seq_length() > 0):
+        elif (
+            image_mask is not None and not torch.compiler.is_compiling()
+            and not (past_key_values is not None and past_key_values.get_seq_length() > 0) and image_mask.any()
+        ):
             raise ValueError(
-                f"The text holds {num_placeholders} image tokens but no `pixel_values` were given: pass the images, "
-                "or remove the '<image>' placeholders."
+                f"The text holds {int(image_mask.sum())} image tokens but no `pixel_values` were given: pass the "
+                "images, or remove the '<image>' placeholders."
             )
 
         outputs = self.language_model(
@@ -1029,11 +1052,11 @@ def _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, past_ke
     the positions of this forward (transformers < 5.2x passes the whole sequence's ids to decoding steps)."""
     if mm_token_type_ids is not None and input_ids is not None and mm_token_type_ids.shape[-1] > input_ids.shape[-1]:
         return mm_token_type_ids[..., -input_ids.shape[-1]:]
-    if (
-        mm_token_type_ids is None and input_ids is not None and pixel_values is None
-        and past_key_values is not None and past_key_values.get_seq_length() > 0
-    ):
-        return torch.zeros_like(input_ids)
+    if mm_token_type_ids is None and input_ids is not None and pixel_values is None and past_key_values is not None:
+        # Compiled, the forward is a decoding step (`generate` compiles those only); reading the cache's length, a
+        # tensor in static caches, would sync with the host.
+        if torch.compiler.is_compiling() or past_key_values.get_seq_length() > 0:
+            return torch.zeros_like(input_ids)
     return mm_token_type_ids
 
 

@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
+    CompileConfig,
     pipeline,
 )
 
@@ -457,6 +458,27 @@ def test_batched_generation_matches_single(lively, make_inputs, tokenizer):
         expected = torch.full((batched.shape[1],), tokenizer.pad_token_id)
         expected[: single.shape[0]] = single
         assert torch.equal(batched[row], expected), (row, batched[row].tolist(), single.tolist())
+
+
+def test_static_cache_generation_compiles_to_one_graph(lively, make_inputs):
+    """`generate(cache_implementation="static")` gives the dynamic cache's tokens, and its decoding steps compile with
+    `fullgraph=True` (no graph break, no host sync; transformers compiles them by itself on GPUs), also when the
+    cache is reused by a second call. `aot_eager` traces like inductor without generating code."""
+    batch = make_inputs([PROMPT_A, PROMPT_B], image_seed=0)  # left-padded, evidence experts in layers 1 and 3
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    dynamic = lively.generate(**batch, **kwargs)
+    assert torch.equal(lively.generate(**batch, cache_implementation="static", **kwargs), dynamic)
+
+    compiled = copy.deepcopy(lively)
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only otherwise
+    compiled.generation_config.compile_config = compile_config
+    torch._dynamo.reset()
+    other = make_inputs([PROMPT_B, PROMPT_A], image_seed=3)
+    compiled.generate(**other, cache_implementation="static", **kwargs)  # fills the cache the next call reuses
+    assert torch.equal(compiled.generate(**batch, cache_implementation="static", **kwargs), dynamic)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= 2, f"{graphs} graphs: decoding steps recompile"  # 5.17's int cache length adds one
 
 
 # --------------------------------------------------------------------------------------------------------------------
