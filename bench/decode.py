@@ -4,7 +4,7 @@ Builds a randomly initialised dense LLaVA (`asymoe.tiny.tiny_llava`, decoder siz
 memory into each variant (copy mode) and times greedy `generate` for one image + prompt. Decode tokens/s is
 (N - 1) / (t(N new tokens) - t(1 new token)), so the prefill cancels out; medians of `--repeat` runs after a warm-up.
 `--cache static` uses a static KV cache (`cache_implementation="static"`), `--compile` adds `torch.compile` of the
-forward (transformers' `compile_config`). Prints ratios to the dense source and writes JSON.
+decoding forward (transformers' `compile_config`, inductor, one graph; on CPUs too). Prints ratios to the dense source and writes JSON.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/decode.py --device cpu --dtype fp32 --hidden 256 --layers 4
     HF_HUB_OFFLINE=1 .venv/bin/python bench/decode.py --device cuda --dtype bf16 --hidden 2048 --layers 16 --cache static
@@ -13,8 +13,6 @@ forward (transformers' `compile_config`). Prints ratios to the dense source and 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 
@@ -24,7 +22,7 @@ import transformers
 from PIL import Image
 
 from asymoe import AsyMoEForConditionalGeneration
-from asymoe.io import atomic_write_text
+from asymoe.io import write_bench_record
 from asymoe.tiny import build_tokenizer, tiny_llava
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,6 +59,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
     parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoding forward")
+    parser.add_argument("--experts-implementation", default="grouped_mm", choices=["grouped_mm", "batched_mm", "eager"],
+                        help="MoE experts kernel of the upcycled models (batched_mm gathers each token's experts)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--output", default="bench/results/decode.json")
@@ -90,8 +90,12 @@ def main(argv=None) -> int:
         model = dense if variant == "dense" else AsyMoEForConditionalGeneration.from_dense(
             dense, moe_variant=variant, mode="copy")
         model = model.to(device=device, dtype=dtype).eval()
-        if args.compile:
-            model.generation_config.compile_config = transformers.CompileConfig(fullgraph=False)
+        if variant != "dense":
+            model.set_experts_implementation(args.experts_implementation)
+        if args.compile:  # one graph per decoding step (fullgraph); CUDA graphs on GPUs as transformers does
+            config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+            config._compile_all_devices = True  # transformers compiles on accelerators only otherwise
+            model.generation_config.compile_config = config
         one, many = seconds(model, inputs, 1, args, device), seconds(model, inputs, args.new_tokens, args, device)
         if many <= one:
             raise SystemExit(f"{variant}: {args.new_tokens} tokens took no longer than 1 ({many:.4f} s vs {one:.4f} s); "
@@ -104,10 +108,7 @@ def main(argv=None) -> int:
     for variant, entry in results.items():
         print(f"{variant:10s} {entry['decode_tokens_per_s']:13.1f} {entry['decode_tokens_per_s'] / reference:8.2f} "
               f"{entry['prefill_s'] * 1e3:13.1f}")
-    record = {"args": vars(args),
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__}, "results": results}
-    print(f"wrote {atomic_write_text(args.output, json.dumps(record, indent=2))}")
+    print(f"wrote {write_bench_record(args.output, args, args.device, results)}")
     return 0
 
 

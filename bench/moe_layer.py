@@ -5,7 +5,8 @@ Euclidean expert.
 Each case runs forward and forward+backward on the same tokens (a share of them image tokens, as in LLaVA), with
 balanced routing (random routers) and skewed routing (one reachable expert per modality favoured by ~6 logits).
 Time is the median of `--repeat` runs after `--warmup` (CUDA: synchronised; CPU: wall clock); GPU peak memory is the
-allocator's peak above the inputs. Prints ratios to the dense FFN and writes JSON.
+allocator's peak above the inputs. `--compile` runs every module through `torch.compile` (inductor, fullgraph).
+Prints ratios to the dense FFN and writes JSON.
 
     .venv/bin/python bench/moe_layer.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 --intermediate 1408
     .venv/bin/python bench/moe_layer.py --device cpu --dtype fp32 --tokens 1024 --hidden 256 --intermediate 128
@@ -14,21 +15,18 @@ allocator's peak above the inputs. Prints ratios to the dense FFN and writes JSO
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-import transformers
 from transformers import MixtralConfig, Qwen3MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from asymoe.configuration import AsyMoETextConfig
-from asymoe.io import atomic_write_text
+from asymoe.io import write_bench_record
 from asymoe.modeling.modeling_asymoe import AsyMoEMLP, AsyMoESparseBlock
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -121,12 +119,16 @@ def run(args) -> dict:
     for block in (asymoe, asymoe_euclidean):
         block.router.float()  # routers stay fp32, as in the model
 
+    # --compile: inductor, one graph per module (fullgraph: a graph break or host sync fails the run).
+    compiled = (lambda module: torch.compile(module, fullgraph=True)) if args.compile else (lambda module: module)
+    dense_run, mixtral_run, qwen3_run = compiled(dense), compiled(mixtral), compiled(qwen3)
+    asymoe_run, asymoe_euclidean_run = compiled(asymoe), compiled(asymoe_euclidean)
     cases = {
-        "dense_ffn": lambda x: dense(x),
-        "mixtral_block": lambda x: mixtral(x),
-        "qwen3_moe_block": lambda x: qwen3(x),
-        "asymoe_block": lambda x: asymoe(x, image_mask),
-        "asymoe_block_euclidean": lambda x: asymoe_euclidean(x, image_mask),
+        "dense_ffn": lambda x: dense_run(x),
+        "mixtral_block": lambda x: mixtral_run(x),
+        "qwen3_moe_block": lambda x: qwen3_run(x),
+        "asymoe_block": lambda x: asymoe_run(x, image_mask),
+        "asymoe_block_euclidean": lambda x: asymoe_euclidean_run(x, image_mask),
     }
     results = {}
     for routing in ("balanced", "skewed"):
@@ -161,10 +163,11 @@ def run(args) -> dict:
                              for i in range(args.top_k)], dim=-1)
     top_weights = torch.full(top_index.shape, 1.0 / args.top_k, device=device)
     for name, block in (("hyperbolic_expert", asymoe), ("euclidean_expert", asymoe_euclidean)):
+        experts = compiled(block.experts)
 
-        def expert_fwd_bwd(block=block):
+        def expert_fwd_bwd(experts=experts):
             x = flat.detach().requires_grad_(True)
-            block.experts(x, top_index, top_weights).float().square().mean().backward()
+            experts(x, top_index, top_weights).float().square().mean().backward()
 
         results[name] = {"fwd_bwd": measure(expert_fwd_bwd, device, args.warmup, args.repeat)}
     return results
@@ -181,6 +184,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layout", default="2,2,4", help="vision,text,inter experts (evidence off: layer bench)")
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--experts-implementation", default="grouped_mm", choices=["grouped_mm", "batched_mm", "eager"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile every module (inductor, fullgraph)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--output", default="bench/results/moe_layer.json")
@@ -204,13 +208,7 @@ def main(argv=None) -> int:
     if "hyperbolic_expert" in results:
         ratio = results["hyperbolic_expert"]["fwd_bwd"]["ms"] / results["euclidean_expert"]["fwd_bwd"]["ms"]
         print(f"hyperbolic / Euclidean expert (fwd+bwd): {ratio:.2f}×")
-    record = {
-        "args": {k: v for k, v in vars(args).items()},
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "results": results,
-    }
-    print(f"wrote {atomic_write_text(args.output, json.dumps(record, indent=2, default=str))}")
+    print(f"wrote {write_bench_record(args.output, args, args.device, results)}")
     return 0
 
 

@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end at toy sizes and write their JSON; the MFU FLOP count is checked by hand.
+Timings are never asserted (docs/performance.md has the measured numbers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_train_bench_counts_activated_flops(tmp_path):
+    train = bench("train")
+    output = tmp_path / "train.json"
+    args = ["--device", "cpu", "--hidden", "64", "--intermediate", "128", "--layers", "2", "--vocab", "512",
+            "--seq-len", "32", "--image-tokens", "16", "--batch-size", "2", "--warmup", "1", "--steps", "1",
+            "--mode", "copy", "--peak-tflops", "1", "--output", str(output)]
+    assert train.main(args) == 0
+    results = json.loads(output.read_text())["results"]
+    assert set(results) == {"dense", "vanilla", "modality", "asymoe"}
+
+    # Dense Llama decoder, untied: 6·(every decoder parameter but the embedding, + LM head) + 12·L·H·S.
+    hidden, inter, layers, vocab, seq = 64, 128, 2, 512, 32
+    heads_dim, kv = 64, 64  # 1 head of 64 (hidden // 128 -> 1), 1 KV head
+    attention = hidden * heads_dim * 2 + hidden * kv * 2
+    decoder = layers * (attention + 3 * hidden * inter + 2 * hidden) + hidden
+    dense_flops = 6 * (decoder + vocab * hidden) + 12 * layers * hidden * seq
+    assert results["dense"]["flops_per_token"] == dense_flops
+    for variant in ("vanilla", "modality", "asymoe"):
+        # Copy mode, top-2: each MoE layer runs two full FFN copies per token (plus routers and readouts).
+        assert results[variant]["flops_per_token"] > dense_flops + 6 * 3 * hidden * inter
+        entry = results[variant]
+        assert entry["tokens_per_s"] > 0 and entry["mfu"] == pytest.approx(
+            entry["tokens_per_s"] * entry["flops_per_token"] / 1e12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra", [
+    ("moe_layer", ["--tokens", "64", "--hidden", "32", "--intermediate", "16"]),
+    ("decode", ["--hidden", "64", "--layers", "2", "--new-tokens", "8", "--cache", "static"]),
+])
+def test_bench_runs_and_writes_json(name, extra, tmp_path):
+    output = tmp_path / f"{name}.json"
+    args = ["--device", "cpu", "--dtype", "fp32", "--warmup", "1", "--repeat", "1", "--output", str(output), *extra]
+    assert bench(name).main(args) == 0
+    record = json.loads(output.read_text())
+    assert record["versions"]["torch"] and record["results"]
