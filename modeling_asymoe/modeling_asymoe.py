@@ -871,8 +871,8 @@ class AsyMoEModel(AsyMoEPreTrainedModel):
                 image_mask.unsqueeze(-1).to(inputs_embeds.device), flat_features.to(inputs_embeds.dtype)
             )
         elif (
-            image_mask is not None and not torch.compiler.is_compiling()
-            and not (past_key_values is not None and past_key_values.get_seq_length() > 0) and image_mask.any()
+            image_mask is not None and not torch.compiler.is_compiling() and not _continues_cache(past_key_values)
+            and image_mask.any()
         ):
             raise ValueError(
                 f"The text holds {int(image_mask.sum())} image tokens but no `pixel_values` were given: pass the "
@@ -1052,12 +1052,18 @@ def _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, past_ke
     the positions of this forward (transformers < 5.2x passes the whole sequence's ids to decoding steps)."""
     if mm_token_type_ids is not None and input_ids is not None and mm_token_type_ids.shape[-1] > input_ids.shape[-1]:
         return mm_token_type_ids[..., -input_ids.shape[-1]:]
-    if mm_token_type_ids is None and input_ids is not None and pixel_values is None and past_key_values is not None:
-        # Compiled, the forward is a decoding step (`generate` compiles those only); reading the cache's length, a
-        # tensor in static caches, would sync with the host.
-        if torch.compiler.is_compiling() or past_key_values.get_seq_length() > 0:
-            return torch.zeros_like(input_ids)
+    if (
+        mm_token_type_ids is None and input_ids is not None and pixel_values is None
+        and _continues_cache(past_key_values)
+    ):
+        return torch.zeros_like(input_ids)
     return mm_token_type_ids
+
+
+def _continues_cache(past_key_values: Cache | None) -> bool:
+    """Whether a forward continues a filled cache (a decoding step). A compiled forward counts as one (`generate`
+    compiles decoding steps only): reading the cache's length, a tensor in static caches, would sync with the host."""
+    return past_key_values is not None and (torch.compiler.is_compiling() or past_key_values.get_seq_length() > 0)
 
 
 def _current_token_mask(attention_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor:
