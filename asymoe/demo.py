@@ -200,6 +200,7 @@ def _evaluate(model_dir: Path, data: Path, config: ComparisonConfig, target: Pat
     from .eval.analysis import analyze
     from .eval.grounding import load_grounding
     from .eval.runner import evaluate_model
+    from .upcycling import model_parameter_counts
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
@@ -207,7 +208,7 @@ def _evaluate(model_dir: Path, data: Path, config: ComparisonConfig, target: Pat
                              batch_size=config.eval_batch_size, max_new_tokens=2, output_dir=target)
     analysis = analyze(model, processor, load_grounding(data)["test_counter"], limit=config.analysis_rows,
                        batch_size=config.eval_batch_size)
-    record = {"results": results, "parameters": _parameter_counts(model), "analysis": analysis}
+    record = {"results": results, "parameters": model_parameter_counts(model), "analysis": analysis}
     atomic_write_text(target / "results.json", json.dumps(record, indent=2))
 
 
@@ -215,17 +216,6 @@ def _plot_analysis(root: Path, results: dict, target: Path) -> None:
     from .eval.analysis import plot_analysis
 
     plot_analysis({name: record["analysis"] for name, record in results.items()}, target)
-
-
-def _parameter_counts(model) -> dict[str, int]:
-    """Total parameters, and the language model's total and per-token activated parameters."""
-    from .configuration import AsyMoEConfig
-    from .upcycling import parameter_counts
-
-    if isinstance(model.config, AsyMoEConfig):
-        return parameter_counts(model.config)
-    language = sum(p.numel() for n, p in model.named_parameters() if "language_model" in n or "lm_head" in n)
-    return {"total": model.num_parameters(), "language_model": language, "language_model_activated": language}
 
 
 def chance_accuracy() -> float:

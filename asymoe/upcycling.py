@@ -907,6 +907,15 @@ def parameter_counts(config: AsyMoEConfig) -> dict[str, int]:
     }
 
 
+def model_parameter_counts(model: nn.Module) -> dict[str, int]:
+    """`parameter_counts` of an AsyMoE model; for a dense transformers LLaVA-family model its total and
+    language-model parameters (LM head included), all activated."""
+    if isinstance(model.config, AsyMoEConfig):
+        return parameter_counts(model.config)
+    language = sum(p.numel() for n, p in model.named_parameters() if "language_model" in n or "lm_head" in n)
+    return {"total": model.num_parameters(), "language_model": language, "language_model_activated": language}
+
+
 def _model_card(config: AsyMoEConfig, manifest: dict[str, Any], counts: dict[str, int]) -> str:
     text = config.text_config
     base = manifest["source"] if manifest.get("source_kind") == "hub" else None
@@ -1417,6 +1426,7 @@ __all__ = [
     "format_deviation_report",
     "load_source_config",
     "model_states",
+    "model_parameter_counts",
     "parameter_counts",
     "partition_slices",
     "probe_inputs",

@@ -29,7 +29,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from asymoe import AsyMoEForConditionalGeneration
 from asymoe.io import write_bench_record
-from asymoe.upcycling import parameter_counts
+from asymoe.upcycling import model_parameter_counts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ("dense", "vanilla", "modality", "asymoe")
@@ -56,14 +56,10 @@ def dense_source(args) -> LlavaForConditionalGeneration:
 
 def flops_per_token(model, args) -> float:
     """6·N + 12·L·H·S with N the decoder parameters one token activates (see the module docstring)."""
-    language = model.model.language_model
-    embedding = language.embed_tokens.weight.numel()
-    tied = model.lm_head.weight is language.embed_tokens.weight
-    if isinstance(model, AsyMoEForConditionalGeneration):
-        activated = parameter_counts(model.config)["language_model_activated"]
-    else:
-        activated = sum(p.numel() for p in language.parameters()) + model.lm_head.weight.numel() * (not tied)
-    activated -= 0 if tied else embedding  # a lookup costs no FLOPs; a tied matrix still runs as the LM head
+    embedding = model.model.language_model.embed_tokens.weight
+    activated = model_parameter_counts(model)["language_model_activated"]
+    if model.lm_head.weight is not embedding:
+        activated -= embedding.numel()  # a lookup costs no FLOPs; a tied matrix still runs as the LM head
     return 6 * activated + 12 * args.layers * args.hidden * args.seq_len
 
 
