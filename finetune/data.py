@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -174,6 +175,22 @@ def default_image_folder(path: str, image_folder: str | os.PathLike | None) -> s
     if image_folder is None and Path(path).suffix in (".json", ".jsonl"):
         return Path(path).parent
     return image_folder
+
+
+@dataclass
+class DataScriptArguments:
+    """Data flags the SFT and DPO scripts share (besides TRL's `--dataset_name`, `--dataset_config`, splits)."""
+
+    image_folder: str | None = field(
+        default=None, metadata={"help": "folder relative image paths resolve against (default for a JSON file: its "
+                                        "folder)"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
+
+    def first_train_rows(self, dataset: datasets.Dataset) -> datasets.Dataset:
+        """`dataset`, cut to `max_train_samples` rows when set."""
+        if self.max_train_samples is None:
+            return dataset
+        return dataset.select(range(min(self.max_train_samples, len(dataset))))
 
 
 def load_training_data(path: str, split: str = "train", data_format: str = "auto",

@@ -36,17 +36,15 @@ from trl import DPOConfig, DPOTrainer, ModelConfig, ScriptArguments, TrlParser
 
 from ..eval.grounding import prior_answer
 from ..modeling.modeling_asymoe import router_losses
-from .data import convert_rows, default_image_folder, image_storage, llava_messages, load_rows, vqa_messages
+from .data import DataScriptArguments, convert_rows, default_image_folder, image_storage, llava_messages, load_rows, vqa_messages
 from .lora import LoraScriptArguments, script_peft
 
 PREFERENCE_FORMATS = ("preference", "grounding")
 
 
 @dataclass
-class DPOScriptArguments(ScriptArguments, LoraScriptArguments):
+class DPOScriptArguments(ScriptArguments, DataScriptArguments, LoraScriptArguments):
     dataset_format: str = field(default="auto", metadata={"help": f"auto or one of {PREFERENCE_FORMATS}"})
-    image_folder: str | None = field(default=None, metadata={"help": "folder relative image paths resolve against"})
-    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
 
 
 def detect_preference_format(column_names: list[str]) -> str:
@@ -173,8 +171,7 @@ def main(argv: list[str] | None = None) -> AsyMoEDPOTrainer:
     peft_config, quantization = script_peft(parser, script_args, model_args, training_args.trust_remote_code)
     dataset = load_preference_data(script_args.dataset_name, script_args.dataset_train_split,
                                    script_args.dataset_format, script_args.image_folder, script_args.dataset_config)
-    if script_args.max_train_samples is not None:
-        dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
+    dataset = script_args.first_train_rows(dataset)
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = load_preference_data(script_args.dataset_name, script_args.dataset_test_split,

@@ -21,18 +21,14 @@ from transformers import Trainer
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
 
 from .callbacks import RoutingCallback
-from .data import FORMATS, load_training_data
+from .data import FORMATS, DataScriptArguments, load_training_data
 from .lora import LoraScriptArguments, script_peft
 from .optim import FREEZE_SCHEMES, apply_freezing, separate_asymoe_groups, without_asymoe_decay
 
 
 @dataclass
-class SFTScriptArguments(ScriptArguments, LoraScriptArguments):
+class SFTScriptArguments(ScriptArguments, DataScriptArguments, LoraScriptArguments):
     dataset_format: str = field(default="auto", metadata={"help": f"auto or one of {FORMATS}"})
-    image_folder: str | None = field(
-        default=None, metadata={"help": "folder relative image paths resolve against (default for a JSON file: its "
-                                        "folder)"})
-    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
     freeze: str = field(default="none", metadata={"help": f"what trains: one of {FREEZE_SCHEMES}"})
     asymoe_lr: float | None = field(
         default=None, metadata={"help": "learning rate of curvature, Möbius biases/scales and evidence readouts "
@@ -122,8 +118,7 @@ def main(argv: list[str] | None = None) -> AsyMoESFTTrainer:
     peft_config, quantization = script_peft(parser, script_args, model_args, training_args.trust_remote_code)
     dataset = load_training_data(script_args.dataset_name, script_args.dataset_train_split,
                                  script_args.dataset_format, script_args.image_folder, script_args.dataset_config)
-    if script_args.max_train_samples is not None:
-        dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
+    dataset = script_args.first_train_rows(dataset)
     trainer = AsyMoESFTTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
