@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written results file."""
+"""Atomic file writes (a reader, or a crash, never sees a half-written results file); the benchmarks' JSON
+record."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import os
 import platform
 import tempfile
 from pathlib import Path
+
+import torch
+import transformers
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -23,9 +27,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def write_bench_record(path: str | os.PathLike, args: argparse.Namespace, device: str, results: dict, **extra) -> Path:
     """Write a benchmark's JSON record atomically: its arguments, the device's name, torch/transformers versions,
     `extra` fields and the results."""
-    import torch
-    import transformers
-
     name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else platform.processor() or "cpu"
     record = {"args": vars(args), "device": name, **extra,
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}, "results": results}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from asymoe.io import atomic_write_text
 from asymoe.demo import SPLITS, START, ComparisonConfig, chance_accuracy, run_comparison
+from asymoe.tiny import TINY_TEXT
 
 SCALES = {
     "cpu": {},
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = ComparisonConfig()
     scale = SCALES[args.scale]
-    num_layers = scale.get("text_overrides", {}).get("num_hidden_layers", 4)
+    num_layers = scale.get("text_overrides", {}).get("num_hidden_layers", TINY_TEXT["num_hidden_layers"])
     chosen = variants(num_layers)
     if args.only:
         unknown = [name for name in args.only if name not in chosen]
@@ -120,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
                                      "variants": chosen})
         per_seed[seed] = run_comparison(config)["results"]
     summary = summarise(per_seed)
-    output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / "comparison.json", json.dumps(
         {"scale": args.scale, "seeds": args.seeds, "summary": summary, "command": " ".join(sys.argv)}, indent=2))
     table = markdown(summary, args.seeds)
