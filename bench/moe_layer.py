@@ -4,8 +4,9 @@ Euclidean expert.
 
 Each case runs forward and forward+backward on the same tokens (a share of them image tokens, as in LLaVA), with
 balanced routing (random routers) and skewed routing (one reachable expert per modality favoured by ~6 logits).
-Time is the median of `--repeat` runs after `--warmup` (CUDA: synchronised; CPU: wall clock); GPU peak memory is the
-allocator's peak above the inputs. `--compile` runs every module through `torch.compile` (inductor, fullgraph).
+Time is the median of `--repeat` runs after `--warmup` (CUDA: synchronised; CPU: wall clock);
+peak memory is the most allocated above what was allocated before a run (CUDA: the allocator's peak; CPU: the torch
+profiler's allocation events). `--compile` runs every module through `torch.compile` (inductor, fullgraph).
 Prints ratios to the dense FFN and writes JSON.
 
     .venv/bin/python bench/moe_layer.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 --intermediate 1408
@@ -21,6 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch._C._profiler import _EventType
 from transformers import MixtralConfig, Qwen3MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
@@ -37,8 +39,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cpu_peak_mib(fn) -> float:
+    """Peak CPU memory allocated by `fn()` above what was allocated before, in MiB, from the allocation events of the
+    torch profiler (each carries the running total of bytes allocated since the profiler started)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, peak = list(prof.profiler.kineto_results.experimental_event_tree()), 0
+    while events:
+        event = events.pop()
+        events.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            peak = max(peak, event.extra_fields.total_allocated)
+    return peak / 2**20
+
+
 def measure(fn, device: torch.device, warmup: int, repeat: int) -> dict:
-    """Median milliseconds of `fn()` and (CUDA) peak allocated MiB above what was allocated before."""
+    """Median milliseconds of `fn()` and the peak MiB allocated above what was allocated before (CUDA: the
+    allocator's peak over the timed runs; CPU: one more run under the profiler, after the timed ones)."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -51,7 +68,10 @@ def measure(fn, device: torch.device, warmup: int, repeat: int) -> dict:
         fn()
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        peak = cpu_peak_mib(fn)
     return {"ms": statistics.median(times), "peak_mib": peak}
 
 
@@ -192,7 +212,7 @@ def main(argv=None) -> int:
     args.layout = tuple(int(n) for n in args.layout.split(","))
     results = run(args)
     dense = results["balanced/dense_ffn"]
-    print(f"{'case':40s} {'fwd ms':>9s} {'×dense':>7s} {'fwd+bwd ms':>11s} {'×dense':>7s} {'peak MiB':>9s}")
+    print(f"{'case':40s} {'fwd ms':>9s} {'×dense':>7s} {'fwd+bwd ms':>11s} {'×dense':>7s} {'peak MiB':>9s} {'×dense':>7s}")
     for name, entry in results.items():
         row = f"{name:40s} "
         for kind in ("fwd", "fwd_bwd"):
@@ -202,8 +222,8 @@ def main(argv=None) -> int:
                 row += f"{ms:9.3f} {ratio:7.2f} " if kind == "fwd" else f"{ms:11.3f} {ratio:7.2f} "
             else:
                 row += f"{'':9s} {'':7s} "
-        peak = entry["fwd_bwd"]["peak_mib"]
-        row += f"{peak:9.1f}" if peak is not None else f"{'n/a':>9s}"
+        peak = entry["fwd_bwd"]["peak_mib"]  # fwd+bwd peak
+        row += f"{peak:9.1f} " + (f"{peak / dense['fwd_bwd']['peak_mib']:7.2f}" if not name.endswith("_expert") else "")
         print(row)
     if "hyperbolic_expert" in results:
         ratio = results["hyperbolic_expert"]["fwd_bwd"]["ms"] / results["euclidean_expert"]["fwd_bwd"]["ms"]
