@@ -1,6 +1,6 @@
 """Hyperbolic maps for AsyMoE's inter-modality experts (Poincaré ball and Lorentz hyperboloid, curvature -c).
 
-All maps run in fp32 whatever the input dtype (bf16 maps overflow from a tangent norm of about 5) and clamp the
+The Möbius bias runs in fp32 or wider whatever the input dtype (bf16 maps overflow from a tangent norm of about 5) and clamp the
 geodesic radius, so they return finite values for any finite input. This file is part of the Hub bundle: it
 imports only torch.
 """
@@ -8,6 +8,7 @@ imports only torch.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Largest geodesic radius sqrt(c)*|v| kept by the maps. Poincaré: tanh saturates in fp32 beyond ~9, and the ball is
 # clamped to radius (1 - BALL_EPS)/sqrt(c), i.e. artanh caps at ~6.1. Lorentz: sinh stays exact far beyond that.
@@ -108,18 +109,24 @@ def mobius_bias_reference(
     `residual=False` is the textbook map s·log0(exp0(u/s) ⊕ exp0(beta)). `residual=True` returns
     u + s·[log0(exp0(u/s) ⊕ exp0(beta)) - log0(exp0(u/s))]: the same value wherever the round trip is exact
     (geodesic radius below the clamp), exactly u at beta = 0 (function-preserving upcycling), and it keeps the
-    Euclidean magnitude of u where the textbook map saturates. Computed in fp32, returned in u's dtype.
+    Euclidean magnitude of u where the textbook map saturates. Computed in fp32 (fp64 for fp64 inputs), returned in
+    u's dtype.
     """
-    dtype = u.dtype
+    dtype, compute = u.dtype, _compute_dtype(u)
     with torch.autocast(device_type=u.device.type, enabled=False):
-        uf, bf = u.float() / scale.float(), beta.float()
-        cf = c.float()
-        moved = mobius_translate(uf, bf, cf, manifold)
+        scale, cf = scale.to(compute), c.to(compute)
+        uf = u.to(compute) / scale
+        moved = mobius_translate(uf, beta.to(compute), cf, manifold)
         if residual:
-            out = u.float() + scale.float() * (moved - round_trip(uf, cf, manifold))
+            out = u.to(compute) + scale * (moved - round_trip(uf, cf, manifold))
         else:
-            out = scale.float() * moved
+            out = scale * moved
     return out.to(dtype)
+
+
+def _compute_dtype(u: torch.Tensor) -> torch.dtype:
+    """fp32, or u's dtype where it is wider."""
+    return torch.promote_types(u.dtype, torch.float32)
 
 
 def _clamped_norm(squared: torch.Tensor) -> torch.Tensor:
@@ -176,22 +183,42 @@ def mobius_bias(
     c: torch.Tensor,
     manifold: str,
     residual: bool = True,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`mobius_bias_reference` computed in span(u, beta): three row reductions and one fused combination instead of
-    the maps' full-width passes. Same value (to fp32 rounding), exactly u at beta = 0 in the residual form."""
-    dtype = u.dtype
+    """`mobius_bias_reference` computed in span(u, beta): out = A·u + B·beta with per-row scalars A, B of |u|², <u, beta>
+    and |beta|² (same value to rounding, exactly u at beta = 0 in the residual form).
+
+    `beta` is one bias [D] for every row, or a table [n, D] with `index` [rows] choosing each row's bias; rows whose
+    index is negative are returned unchanged (the model's rows of other expert groups). The table is read through
+    [rows, n] products, never gathered to [rows, D]: autograd keeps only u (its fp32 copy for low-precision inputs) and
+    per-row scalars for the backward, and the bias gradient is a matmul (deterministic, no scatter-add).
+    """
+    dtype, compute = u.dtype, _compute_dtype(u)
     with torch.autocast(device_type=u.device.type, enabled=False):
-        scale = scale.float()
-        uf, bf, cf = u.float() / scale, beta.float().expand_as(u), c.float()
-        uu, ub, bb = (uf * uf).sum(-1, keepdim=True), (uf * bf).sum(-1, keepdim=True), (bf * bf).sum(-1, keepdim=True)
+        uf, scale, cf = u.to(compute).reshape(-1, u.shape[-1]), scale.to(compute), c.to(compute)
+        table = beta.to(compute).reshape(-1, beta.shape[-1])
+        if index is None:
+            if table.shape[0] != 1:
+                raise ValueError(f"beta of shape {tuple(beta.shape)} needs an index choosing each row's bias")
+            index = torch.zeros(uf.shape[0], dtype=torch.long, device=u.device)
+        index = index.reshape(-1)
+        selected = index >= 0
+        choice = F.one_hot(index.clamp_min(0), table.shape[0]).to(uf.dtype) * selected.unsqueeze(-1)
+        uu = (uf * uf).sum(-1, keepdim=True) / (scale * scale)
+        ub = ((uf @ table.T) * choice).sum(-1, keepdim=True) / scale
+        bb = choice @ (table * table).sum(-1, keepdim=True)
         a, b = _translate_coefficients(uu, ub, bb, cf, manifold)
         if residual:
             zero = torch.zeros_like(uu)
             round_trip_a, _ = _translate_coefficients(uu, zero, zero, cf, manifold)
-            out = u.float() * (1 + (a - round_trip_a)) + (scale * b) * bf
+            coef_u = 1 + (a - round_trip_a)
         else:
-            out = (scale * a) * uf + (scale * b) * bf
-    return out.to(dtype)
+            coef_u = a
+        coef_u = torch.where(selected.unsqueeze(-1), coef_u, torch.ones_like(coef_u))
+        out = torch.addmm(uf * coef_u, choice * (scale * b), table)
+    return out.reshape(u.shape).to(dtype)
+
+
 __all__ = [
     "lorentz_boost",
     "lorentz_expmap0",

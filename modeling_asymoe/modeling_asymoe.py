@@ -242,16 +242,16 @@ class AsyMoEExpertsMixin:
         return torch.where(is_evidence, evidence_states[token_idx].to(rows.dtype), rows)
 
     def hyperbolic(self, out: torch.Tensor, expert_ids: torch.Tensor, which: str) -> torch.Tensor:
-        """Apply the Möbius bias of projection `which` ("gate_up" or "down") to the rows of inter experts."""
+        """Apply the Möbius bias of projection `which` ("gate_up" or "down") to the rows of inter experts; the other
+        rows come back unchanged."""
         if not self.is_hyperbolic:
             return out
         relative = expert_ids - self.inter_start
         is_inter = (relative >= 0) & (relative < self.layout.num_inter)
-        beta_param = self.mobius_bias_gate_up if which == "gate_up" else self.mobius_bias_down
-        beta = beta_param[relative.clamp(0, self.layout.num_inter - 1)]
+        beta = self.mobius_bias_gate_up if which == "gate_up" else self.mobius_bias_down
         scale = (self.log_scale_gate_up if which == "gate_up" else self.log_scale_down).exp()
-        mapped = mobius_bias(out, beta, scale, self.curvature, self.config.manifold, self.config.mobius_residual)
-        return torch.where(is_inter.unsqueeze(-1), mapped, out)
+        index = torch.where(is_inter, relative, -1)
+        return mobius_bias(out, beta, scale, self.curvature, self.config.manifold, self.config.mobius_residual, index)
 
     @property
     def curvature(self) -> torch.Tensor:

@@ -261,26 +261,58 @@ def test_mobius_bias_at_origin_is_scaled_beta(manifold):
 # --- mobius_bias (span form, what the model runs) equals mobius_bias_reference (the composed maps) ----------------
 
 
+def table_reference(u, table, scale, c, manifold, residual, index):
+    """`mobius_bias_reference` with each row's bias looked up in `table`; rows with a negative index stay u."""
+    moved = mobius_bias_reference(u, table[index.clamp_min(0)], scale, c, manifold, residual)
+    return torch.where((index >= 0).unsqueeze(-1), moved, u)
+
+
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "textbook"])
 @pytest.mark.parametrize("manifold", MANIFOLDS)
 def test_fast_mobius_bias_equals_reference(manifold, residual):
-    """Values and gradients (u, beta, scale, curvature) agree to fp32 rounding below the clamp, per-row biases (the
-    scalar parameters' gradients sum 384 rounding differences, amplified near the ball's edge: 1e-3); beyond the
-    Poincaré clamp, where artanh at the ball's edge amplifies 1-ulp differences ~5e4-fold, to 5e-3."""
+    """Values and gradients (u, bias table, scale, curvature) of the fp32 span form agree with the composed maps in
+    fp64 below the clamp, with a table of biases (one of them zero) chosen per row and rows left out (index -1:
+    returned unchanged, identity gradient); the scalar parameters' gradients sum hundreds of rounding differences
+    amplified near the ball's edge: 1e-3 relative. Beyond the Poincaré clamp, where artanh at the ball's edge amplifies
+    1-ulp differences ~5e4-fold, both in fp32 to 5e-3."""
     scale, c = torch.tensor(1.7), torch.tensor(0.8)
     below = tangents(torch.linspace(0.0, 3.0, 24) * scale / c.sqrt(), seed=0)
-    beta = torch.cat([torch.zeros(4, DIM), tangents(torch.linspace(0.01, 1.0, 20), seed=1)])
+    table = torch.cat([torch.zeros(1, DIM), tangents(torch.linspace(0.01, 1.0, 4), seed=1)])
+    index = torch.arange(24) % 6 - 1  # -1 (left out), then each of the 5 biases
     grads = []
-    for implementation in (mobius_bias_reference, mobius_bias):
-        leaves = [t.clone().requires_grad_() for t in (below, beta, scale, c)]
-        out = implementation(*leaves, manifold, residual)
-        (out * torch.linspace(-1.0, 1.0, DIM)).sum().backward()
-        grads.append((out.detach(), *(leaf.grad for leaf in leaves)))
+    for implementation, dtype in ((table_reference, torch.float64), (mobius_bias, torch.float32)):
+        leaves = [t.to(dtype).requires_grad_() for t in (below, table, scale, c)]
+        out = implementation(*leaves, manifold, residual, index=index)
+        (out * torch.linspace(-1.0, 1.0, DIM, dtype=dtype)).sum().backward()
+        grads.append((out.detach().float(), *(leaf.grad.float() for leaf in leaves)))
     for name, fast, reference in zip(("out", "u", "beta", "scale", "curvature"), grads[1], grads[0]):
         rtol = 1e-3 if name in ("scale", "curvature") else 1e-4
         torch.testing.assert_close(fast, reference, rtol=rtol, atol=1e-4, msg=name)
+    assert torch.equal(grads[1][0][index < 0], below[index < 0])
 
     beyond = tangents(HUGE_NORMS, seed=2)
     beta = tangents([0.5], seed=3)[0]
     torch.testing.assert_close(mobius_bias(beyond, beta, scale, c, manifold, residual),
                                mobius_bias_reference(beyond, beta, scale, c, manifold, residual), rtol=5e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+def test_mobius_bias_keeps_only_its_input_for_backward(manifold):
+    """The bias table is read through [rows, n] products, never gathered per row: of the tensors autograd saves for
+    the backward, the only full-width one is u itself (fp32 input, so no copy)."""
+    rows, n = 64, 3
+    u = (torch.randn(rows, DIM) * 2.0).requires_grad_()
+    table = (torch.randn(n, DIM) * 0.1).requires_grad_()
+    index = torch.arange(rows) % (n + 1) - 1
+    full_width = []
+
+    def pack(tensor):
+        if tensor.numel() >= rows * DIM:
+            full_width.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = mobius_bias(u, table, torch.tensor([1.5]), torch.tensor([0.8]), manifold, True, index)
+    assert full_width and all(t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() for t in full_width)
+    out.sum().backward()
+    assert torch.isfinite(table.grad).all() and table.grad.abs().sum() > 0
