@@ -1043,7 +1043,9 @@ def upcycle(
     )
     if output_dir is None:
         with tempfile.TemporaryDirectory(prefix="asymoe-upcycle-", ignore_cleanup_errors=True) as tmp:
-            path = upcycle(source, Path(tmp) / "upcycled", **options)
+            with warnings.catch_warnings():  # the returned model has no processor either way
+                warnings.filterwarnings("ignore", message=".*processor")
+                path = upcycle(source, Path(tmp) / "upcycled", **options)
             model = AsyMoEForConditionalGeneration.from_pretrained(path)
             # Materialise every tensor before the files go away (safetensors loads may be memory-mapped).
             for tensor in [*model.parameters(), *model.buffers()]:
@@ -1171,7 +1173,12 @@ def _upcycle_directory(
         write_remote_code(tmp, _modeling_module.__file__)  # modeling_asymoe.py, hyperbolic_asymoe.py
         if (src_dir / "generation_config.json").is_file():
             shutil.copyfile(src_dir / "generation_config.json", tmp / "generation_config.json")
-        processor = convert_processor(src_dir, config)
+        if provenance["kind"] == "in-memory":  # model.save_pretrained writes no processor files
+            warnings.warn(f"the source is an in-memory model, which carries no processor: {output} gets none. Save the "
+                          "source model and its processor to one directory and upcycle that directory to get one.")
+            processor = None
+        else:
+            processor = convert_processor(src_dir, config)
         if processor is not None:
             processor.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(config, manifest, parameter_counts(config)), encoding="utf-8")

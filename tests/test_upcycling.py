@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -268,11 +269,15 @@ def test_partition_mode_activates_fewer_parameters(sources, tmp_path):
     assert not noisy.config.upcycling["function_preserving"]
 
 
-@pytest.mark.filterwarnings("ignore:.*no processor")
 def test_from_dense_in_memory(sources):
+    """from_dense of a directory or of a model: the source's logits, and no warning about processors (the returned
+    model has none either way)."""
     source = sources["qwen2"]
     for dense in (source["dir"], source["model"]):
-        model = AsyMoEForConditionalGeneration.from_dense(dense, moe_variant="asymoe").eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = AsyMoEForConditionalGeneration.from_dense(dense, moe_variant="asymoe").eval()
+        assert not [w for w in caught if "processor" in str(w.message)]
         with torch.no_grad():
             logits = model(**source["inputs"]).logits
         assert (logits - source["logits"]).abs().max().item() <= 1e-4
@@ -280,6 +285,12 @@ def test_from_dense_in_memory(sources):
     names = [row["name"] for row in rows]
     assert names[0] == "image features" and names[-1] == "logits" and "layer 1" in names
     assert max(row["max_abs"] for row in rows) <= 1e-4
+
+
+def test_in_memory_source_to_directory_says_it_has_no_processor(sources, tmp_path):
+    with pytest.warns(UserWarning, match="in-memory model, which carries no processor"):
+        path = upcycle(sources["qwen2"]["model"], tmp_path / "upcycled", moe_variant="asymoe")
+    assert (path / "config.json").is_file() and not (path / "processor_config.json").exists()
 
 
 def test_hub_id_from_local_cache(sources, tmp_path, monkeypatch):
