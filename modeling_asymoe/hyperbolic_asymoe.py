@@ -176,6 +176,24 @@ def _translate_coefficients(
     return log_scale * a, log_scale * b
 
 
+class _RowStatistics(torch.autograd.Function):
+    """|u|² and u·tableᵀ per row, computed in the table's dtype; keeps u itself for the backward, not the wider copy
+    (half the saved bytes for bf16 u)."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(u, table)
+        wide = u.to(table.dtype)
+        return (wide * wide).sum(-1, keepdim=True), wide @ table.T
+
+    @staticmethod
+    def backward(ctx, grad_squared: torch.Tensor, grad_products: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u, table = ctx.saved_tensors
+        wide = u.to(table.dtype)
+        grad_u = torch.addmm(2 * grad_squared * wide, grad_products, table)
+        return grad_u.to(u.dtype), grad_products.T @ wide
+
+
 def mobius_bias(
     u: torch.Tensor,
     beta: torch.Tensor,
@@ -190,22 +208,23 @@ def mobius_bias(
 
     `beta` is one bias [D] for every row, or a table [n, D] with `index` [rows] choosing each row's bias; rows whose
     index is negative are returned unchanged (the model's rows of other expert groups). The table is read through
-    [rows, n] products, never gathered to [rows, D]: autograd keeps only u (its fp32 copy for low-precision inputs) and
-    per-row scalars for the backward, and the bias gradient is a matmul (deterministic, no scatter-add).
+    [rows, n] products, never gathered to [rows, D]: autograd keeps only u itself (in its own dtype) and per-row
+    scalars for the backward, and the bias gradient is a matmul (deterministic, no scatter-add).
     """
     dtype, compute = u.dtype, _compute_dtype(u)
     with torch.autocast(device_type=u.device.type, enabled=False):
-        uf, scale, cf = u.to(compute).reshape(-1, u.shape[-1]), scale.to(compute), c.to(compute)
+        rows, scale, cf = u.reshape(-1, u.shape[-1]), scale.to(compute), c.to(compute)
         table = beta.to(compute).reshape(-1, beta.shape[-1])
         if index is None:
             if table.shape[0] != 1:
                 raise ValueError(f"beta of shape {tuple(beta.shape)} needs an index choosing each row's bias")
-            index = torch.zeros(uf.shape[0], dtype=torch.long, device=u.device)
+            index = torch.zeros(rows.shape[0], dtype=torch.long, device=u.device)
         index = index.reshape(-1)
         selected = index >= 0
-        choice = F.one_hot(index.clamp_min(0), table.shape[0]).to(uf.dtype) * selected.unsqueeze(-1)
-        uu = (uf * uf).sum(-1, keepdim=True) / (scale * scale)
-        ub = ((uf @ table.T) * choice).sum(-1, keepdim=True) / scale
+        choice = F.one_hot(index.clamp_min(0), table.shape[0]).to(compute) * selected.unsqueeze(-1)
+        squared, products = _RowStatistics.apply(rows, table)
+        uu = squared / (scale * scale)
+        ub = (products * choice).sum(-1, keepdim=True) / scale
         bb = choice @ (table * table).sum(-1, keepdim=True)
         a, b = _translate_coefficients(uu, ub, bb, cf, manifold)
         if residual:
@@ -215,7 +234,7 @@ def mobius_bias(
         else:
             coef_u = a
         coef_u = torch.where(selected.unsqueeze(-1), coef_u, torch.ones_like(coef_u))
-        out = torch.addmm(uf * coef_u, choice * (scale * b), table)
+        out = torch.addmm(rows * coef_u, choice * (scale * b), table)  # rows * coef_u: in `compute`, u kept as is
     return out.reshape(u.shape).to(dtype)
 
 

@@ -296,12 +296,13 @@ def test_fast_mobius_bias_equals_reference(manifold, residual):
                                mobius_bias_reference(beyond, beta, scale, c, manifold, residual), rtol=5e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("manifold", MANIFOLDS)
-def test_mobius_bias_keeps_only_its_input_for_backward(manifold):
+def test_mobius_bias_keeps_only_its_input_for_backward(manifold, dtype):
     """The bias table is read through [rows, n] products, never gathered per row: of the tensors autograd saves for
-    the backward, the only full-width one is u itself (fp32 input, so no copy)."""
+    the backward, the only full-width one is u itself (for bf16 u too: not its fp32 copy)."""
     rows, n = 64, 3
-    u = (torch.randn(rows, DIM) * 2.0).requires_grad_()
+    u = (torch.randn(rows, DIM) * 2.0).to(dtype).requires_grad_()
     table = (torch.randn(n, DIM) * 0.1).requires_grad_()
     index = torch.arange(rows) % (n + 1) - 1
     full_width = []
@@ -314,5 +315,6 @@ def test_mobius_bias_keeps_only_its_input_for_backward(manifold):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         out = mobius_bias(u, table, torch.tensor([1.5]), torch.tensor([0.8]), manifold, True, index)
     assert full_width and all(t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() for t in full_width)
-    out.sum().backward()
+    out.float().sum().backward()
+    assert u.grad.dtype == dtype and torch.isfinite(u.grad.float()).all()
     assert torch.isfinite(table.grad).all() and table.grad.abs().sum() > 0
