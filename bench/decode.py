@@ -22,7 +22,7 @@ import transformers
 from PIL import Image
 
 from asymoe import AsyMoEForConditionalGeneration
-from asymoe.io import write_bench_record
+from asymoe.benchmarking import write_bench_record
 from asymoe.tiny import build_tokenizer, tiny_llava
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

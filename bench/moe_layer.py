@@ -4,10 +4,10 @@ Euclidean expert.
 
 Each case runs forward and forward+backward on the same tokens (a share of them image tokens, as in LLaVA), with
 balanced routing (random routers) and skewed routing (one reachable expert per modality favoured by ~6 logits).
-Time is the median of `--repeat` runs after `--warmup` (CUDA: synchronised; CPU: wall clock);
-peak memory is the most allocated above what was allocated before a run (CUDA: the allocator's peak; CPU: the torch
-profiler's allocation events). `--compile` runs every module through `torch.compile` (inductor, fullgraph).
-Prints ratios to the dense FFN and writes JSON.
+Time is the median of `--repeat` runs after `--warmup` (CUDA: synchronised; CPU: wall clock); peak memory is the
+most allocated above what was allocated before one more run (CUDA: the allocator's peak; CPU: the torch profiler's
+allocation events), i.e. activations and transients. `--compile` runs every module through `torch.compile`
+(inductor, fullgraph). Prints ratios to the dense FFN and writes JSON.
 
     .venv/bin/python bench/moe_layer.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 --intermediate 1408
     .venv/bin/python bench/moe_layer.py --device cpu --dtype fp32 --tokens 1024 --hidden 256 --intermediate 128
@@ -22,13 +22,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch._C._profiler import _EventType
 from transformers import MixtralConfig, Qwen3MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
+from asymoe.benchmarking import peak_memory_mib, write_bench_record
 from asymoe.configuration import AsyMoETextConfig
-from asymoe.io import write_bench_record
 from asymoe.modeling.modeling_asymoe import AsyMoEMLP, AsyMoESparseBlock
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,40 +38,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_peak_mib(fn) -> float:
-    """Peak CPU memory allocated by `fn()` above what was allocated before, in MiB, from the allocation events of the
-    torch profiler (each carries the running total of bytes allocated since the profiler started)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, peak = list(prof.profiler.kineto_results.experimental_event_tree()), 0
-    while events:
-        event = events.pop()
-        events.extend(event.children)
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            peak = max(peak, event.extra_fields.total_allocated)
-    return peak / 2**20
-
-
 def measure(fn, device: torch.device, warmup: int, repeat: int) -> dict:
-    """Median milliseconds of `fn()` and the peak MiB allocated above what was allocated before (CUDA: the
-    allocator's peak over the timed runs; CPU: one more run under the profiler, after the timed ones)."""
+    """Median milliseconds of `fn()` over `repeat` runs after `warmup`, and the peak MiB of one more run above what
+    was allocated before it (`asymoe.benchmarking.peak_memory_mib`)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
     times = []
     for _ in range(repeat):
+        _sync(device)
         start = time.perf_counter()
         fn()
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        peak = cpu_peak_mib(fn)
-    return {"ms": statistics.median(times), "peak_mib": peak}
+    return {"ms": statistics.median(times), "peak_mib": peak_memory_mib(fn, device)}
 
 
 def text_config(args, **overrides) -> AsyMoETextConfig:

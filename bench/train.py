@@ -9,7 +9,9 @@ MFU = achieved model FLOP/s / peak FLOP/s, with model FLOPs per token = 6·N + 1
 decoder's parameters a token activates (attention, its top-k experts, routers, evidence readouts, LM head; not the
 embedding lookup), L layers, H hidden size, S sequence length; the vision tower (frozen, small) is not counted. Peak:
 `--peak-tflops`, else the dense bf16 tensor-core peak of a known GPU, else (CPU) the best fp32 matmul rate measured
-here, reported as such. Peak memory is the CUDA allocator's; on CPUs it is not measured.
+here, reported as such. Step peak memory: the most allocated during one more step above what was allocated before it
+(weights and AdamW state), i.e. gradients, activations and transients (`asymoe.benchmarking.peak_memory_mib`: the
+CUDA allocator's peak, or on CPUs the torch profiler's allocation events).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/train.py --device cuda --dtype bf16 --hidden 2048 --layers 16 --seq-len 2048
     HF_HUB_OFFLINE=1 .venv/bin/python bench/train.py --device cpu --dtype fp32 --hidden 256 --layers 4 --seq-len 256 \\
@@ -28,7 +30,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from asymoe import AsyMoEForConditionalGeneration
-from asymoe.io import write_bench_record
+from asymoe.benchmarking import peak_memory_mib, write_bench_record
 from asymoe.upcycling import model_parameter_counts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,27 +100,37 @@ def peak_tflops(args, device: torch.device) -> tuple[float, str]:
     return cpu_matmul_tflops(), "best fp32 2048² matmul measured on this CPU"
 
 
-def step_seconds(model, inputs: dict, args, device: torch.device) -> float:
-    """Median wall time of one optimizer step, after `--warmup` steps."""
+def training_step(model, inputs: dict, args, device: torch.device):
+    """A closure running one optimizer step (autocast forward with labels, backward, AdamW) and returning the loss."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                                   fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
-    times = []
-    for step in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+
+    def step() -> torch.Tensor:
         with autocast:
             loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def step_seconds(step, args, device: torch.device) -> float:
+    """Median wall time of `step()` over `--steps` steps after `--warmup` steps."""
+    times = []
+    for index in range(args.warmup + args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if step >= args.warmup:
+        start = time.perf_counter()
+        loss = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if index >= args.warmup:
             times.append(time.perf_counter() - start)
         if not torch.isfinite(loss):
-            raise SystemExit(f"loss is {loss.item()} at step {step}")
+            raise SystemExit(f"loss is {loss.item()} at step {index}")
     return statistics.median(times)
 
 
@@ -167,25 +179,25 @@ def main(argv=None) -> int:
         flops = flops_per_token(model, args)
         if args.compile:
             model.compile()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = step_seconds(model, inputs, args, device)
+        step = training_step(model, inputs, args, device)
+        seconds = step_seconds(step, args, device)
         tokens_per_s = args.batch_size * args.seq_len / seconds
         results[variant] = {
             "step_s": seconds, "tokens_per_s": tokens_per_s, "flops_per_token": flops,
-            "mfu": tokens_per_s * flops / (peak * 1e12),
-            "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+            "mfu": tokens_per_s * flops / (peak * 1e12), "step_peak_mib": peak_memory_mib(step, device),
         }
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     reference = results["dense"]["tokens_per_s"]
     print(f"peak {peak:.3f} TFLOP/s ({peak_source})")
-    print(f"{'model':10s} {'tokens/s':>10s} {'x dense':>8s} {'GFLOP/token':>12s} {'MFU':>7s} {'peak MiB':>9s}")
+    dense_peak = results["dense"]["step_peak_mib"]
+    print(f"{'model':10s} {'tokens/s':>10s} {'x dense':>8s} {'GFLOP/token':>12s} {'MFU':>7s} {'step peak MiB':>14s} "
+          f"{'x dense':>8s}")
     for variant, entry in results.items():
-        memory = f"{entry['peak_mib']:9.0f}" if entry["peak_mib"] is not None else f"{'n/a':>9s}"
         print(f"{variant:10s} {entry['tokens_per_s']:10.0f} {entry['tokens_per_s'] / reference:8.2f} "
-              f"{entry['flops_per_token'] / 1e9:12.3f} {entry['mfu']:7.1%} {memory}")
+              f"{entry['flops_per_token'] / 1e9:12.3f} {entry['mfu']:7.1%} {entry['step_peak_mib']:14.1f} "
+              f"{entry['step_peak_mib'] / dense_peak:8.2f}")
     path = write_bench_record(args.output, args, args.device, results, peak_tflops=peak, peak_source=peak_source)
     print(f"wrote {path}")
     return 0

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,24 @@ def test_train_bench_counts_activated_flops(tmp_path):
         entry = results[variant]
         assert entry["tokens_per_s"] > 0 and entry["mfu"] == pytest.approx(
             entry["tokens_per_s"] * entry["flops_per_token"] / 1e12)
+    assert all(entry["step_peak_mib"] > 0 for entry in results.values())
+
+
+def test_cpu_peak_memory_counts_what_is_alive_at_once():
+    """4 MiB, then 2 MiB while the 4 are alive, then 1 MiB after freeing them: the peak is 6 MiB, above whatever
+    was allocated before the call (the returned tensor stays alive but is not the peak)."""
+    from asymoe.benchmarking import peak_memory_mib
+
+    before = torch.ones(1024, 1024)  # allocated before the call: not counted
+
+    def fn():
+        first = torch.empty(1024, 1024)  # 4 MiB of fp32
+        second = torch.empty(512, 1024)
+        del first
+        return torch.empty(256, 1024), second
+
+    assert peak_memory_mib(fn, torch.device("cpu")) == pytest.approx(6.0, abs=0.01)
+    assert before.sum() > 0
 
 
 @pytest.mark.slow

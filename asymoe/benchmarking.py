@@ -1,0 +1,52 @@
+"""What the benchmark scripts in `bench/` share: peak memory of one call on CPUs and GPUs, and their JSON record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from torch._C._profiler import _EventType
+
+from .io import atomic_write_text
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """The most memory allocated while `fn()` runs, above what was allocated when it started, in MiB.
+
+    CUDA: the caching allocator's peak statistics. CPU: the torch profiler's allocation events, each of which carries
+    the running total of bytes allocated since the profiler started (profiling makes this one call slower: do not
+    time it).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if device.type != "cpu":
+        raise ValueError(f"peak memory is measured on cpu and cuda devices, not {device.type}")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, peak = list(prof.profiler.kineto_results.experimental_event_tree()), 0
+    while events:
+        event = events.pop()
+        events.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            peak = max(peak, event.extra_fields.total_allocated)
+    return peak / 2**20
+
+
+def write_bench_record(path: str | os.PathLike, args: argparse.Namespace, device: str, results: dict, **extra) -> Path:
+    """Write a benchmark's JSON record atomically: its arguments, the device's name, torch/transformers versions,
+    `extra` fields and the results."""
+    name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else platform.processor() or "cpu"
+    record = {"args": vars(args), "device": name, **extra,
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__}, "results": results}
+    return atomic_write_text(path, json.dumps(record, indent=2, default=str))
