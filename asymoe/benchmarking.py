@@ -1,4 +1,5 @@
-"""What the benchmark scripts in `bench/` share: peak memory of one call on CPUs and GPUs, and their JSON record."""
+"""What the benchmark scripts in `bench/` share: the timing loop, peak memory of one call on CPUs and GPUs, and their
+JSON record."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +19,27 @@ from torch._C._profiler import _EventType
 from .io import atomic_write_text
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); CPU work is already done when a call returns."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> float:
+    """Median wall time of `fn()` over `repeat` calls after `warmup` untimed ones, each timed from an idle device to
+    the end of its work."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
     """The most memory allocated while `fn()` runs, above what was allocated when it started, in MiB.
 
@@ -24,11 +48,11 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
     time it).
     """
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
-        torch.cuda.synchronize(device)
+        synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     if device.type != "cpu":
         raise ValueError(f"peak memory is measured on cpu and cuda devices, not {device.type}")

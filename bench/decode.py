@@ -13,8 +13,6 @@ decoding forward (transformers' `compile_config`, inductor, one graph; on CPUs t
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
@@ -22,7 +20,7 @@ import transformers
 from PIL import Image
 
 from asymoe import AsyMoEForConditionalGeneration
-from asymoe.benchmarking import write_bench_record
+from asymoe.benchmarking import median_seconds, write_bench_record
 from asymoe.tiny import build_tokenizer, tiny_llava
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,18 +32,12 @@ def seconds(model, inputs: dict, new_tokens: int, args, device: torch.device) ->
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     if args.cache == "static":
         kwargs["cache_implementation"] = "static"
-    times = []
-    for step in range(args.warmup + args.repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+
+    def generate():
         with torch.no_grad():
             model.generate(**inputs, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return median_seconds(generate, device, args.warmup, args.repeat)
 
 
 def main(argv=None) -> int:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -26,31 +24,17 @@ from transformers import MixtralConfig, Qwen3MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-from asymoe.benchmarking import peak_memory_mib, write_bench_record
+from asymoe.benchmarking import median_seconds, peak_memory_mib, write_bench_record
 from asymoe.configuration import AsyMoETextConfig
 from asymoe.modeling.modeling_asymoe import AsyMoEMLP, AsyMoESparseBlock
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(fn, device: torch.device, warmup: int, repeat: int) -> dict:
     """Median milliseconds of `fn()` over `repeat` runs after `warmup`, and the peak MiB of one more run above what
-    was allocated before it (`asymoe.benchmarking.peak_memory_mib`)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"ms": statistics.median(times), "peak_mib": peak_memory_mib(fn, device)}
+    was allocated before it."""
+    return {"ms": median_seconds(fn, device, warmup, repeat) * 1e3, "peak_mib": peak_memory_mib(fn, device)}
 
 
 def text_config(args, **overrides) -> AsyMoETextConfig:

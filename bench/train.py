@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import statistics
 import time
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from asymoe import AsyMoEForConditionalGeneration
-from asymoe.benchmarking import peak_memory_mib, write_bench_record
+from asymoe.benchmarking import median_seconds, peak_memory_mib, write_bench_record
 from asymoe.upcycling import model_parameter_counts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -101,37 +100,25 @@ def peak_tflops(args, device: torch.device) -> tuple[float, str]:
 
 
 def training_step(model, inputs: dict, args, device: torch.device):
-    """A closure running one optimizer step (autocast forward with labels, backward, AdamW) and returning the loss."""
+    """A closure running one optimizer step (autocast forward with labels, backward, AdamW); it stops the bench on a
+    non-finite loss."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                                   fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
+    steps_done = 0
 
-    def step() -> torch.Tensor:
+    def step() -> None:
+        nonlocal steps_done
         with autocast:
             loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        if not torch.isfinite(loss):
+            raise SystemExit(f"loss is {loss.item()} at step {steps_done}")
+        steps_done += 1
 
     return step
-
-
-def step_seconds(step, args, device: torch.device) -> float:
-    """Median wall time of `step()` over `--steps` steps after `--warmup` steps."""
-    times = []
-    for index in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        loss = step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if index >= args.warmup:
-            times.append(time.perf_counter() - start)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"loss is {loss.item()} at step {index}")
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -180,7 +167,7 @@ def main(argv=None) -> int:
         if args.compile:
             model.compile()
         step = training_step(model, inputs, args, device)
-        seconds = step_seconds(step, args, device)
+        seconds = median_seconds(step, device, args.warmup, args.steps)
         tokens_per_s = args.batch_size * args.seq_len / seconds
         results[variant] = {
             "step_s": seconds, "tokens_per_s": tokens_per_s, "flops_per_token": flops,
