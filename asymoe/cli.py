@@ -52,7 +52,8 @@ def _upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `asymoe` parser; a toolkit command's module is imported only when it is `command` (the one to run)."""
     parser = argparse.ArgumentParser(prog="asymoe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help=_demo.__doc__, description=_demo.__doc__)
@@ -79,17 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-report", dest="report", action="store_false",
                     help="skip the deviation report (it loads the source and the result, one at a time, in fp32)")
     up.set_defaults(func=_upcycle)
-    for name, module in (("grounding", "asymoe.eval.grounding"), ("eval", "asymoe.eval.runner"),
-                         ("analyze", "asymoe.eval.analysis"), ("merge-lora", "asymoe.finetune.lora")):
-        _add_module_command(commands, name, module)
+    for name, (module_name, summary) in TOOLKIT_COMMANDS.items():
+        if name == command:
+            _add_module_command(commands, name, module_name)
+        else:
+            commands.add_parser(name, help=summary)
     return parser
+
+
+# Commands that need the toolkit (datasets, evaluate, peft, trl): their module is imported only when the command
+# runs, so `asymoe upcycle` works with the model-only install.
+TOOLKIT_COMMANDS = {
+    "grounding": ("asymoe.eval.grounding", "generate the grounding benchmark"),
+    "eval": ("asymoe.eval.runner", "evaluate a model on the benchmark suite"),
+    "analyze": ("asymoe.eval.analysis", "per-layer evidence sensitivity, attention on the image and routing"),
+    "merge-lora": ("asymoe.finetune.lora", "merge a PEFT adapter into a remote-code checkpoint"),
+}
 
 
 def _add_module_command(commands, name: str, module_name: str) -> None:
     """A subcommand whose arguments and body live in `module_name` (`configure_parser`, `run`)."""
     import importlib
 
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise SystemExit(
+            f"asymoe {name}: error: this command needs the asymoe toolkit ({err.name or err} is not installed): "
+            "pip install 'asymoe[toolkit]'"
+        ) from err
     command = commands.add_parser(name, help=module.run.__doc__, description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     module.configure_parser(command)
@@ -97,7 +116,8 @@ def _add_module_command(commands, name: str, module_name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(command=argv[0] if argv else None).parse_args(argv)
     return args.func(args)
 
 

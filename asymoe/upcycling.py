@@ -1344,8 +1344,12 @@ def model_states(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[s
     batch = {k: v.to(device) for k, v in inputs.items()}
     out = model(**batch, output_hidden_states=True)
     states: dict[str, torch.Tensor] = {}
-    if getattr(out, "image_hidden_states", None) is not None:
-        states["image features"] = out.image_hidden_states
+    # Projected image features: LLaVA keeps them in `image_outputs.pooler_output` from transformers 5.24 (one tensor
+    # per image; `image_hidden_states` is deprecated there), in `image_hidden_states` before, as AsyMoE does.
+    image_features = out.image_outputs.pooler_output if "image_outputs" in out else out.get("image_hidden_states")
+    if image_features is not None:
+        features = image_features if isinstance(image_features, (list, tuple)) else [image_features]
+        states["image features"] = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
     hidden = out.hidden_states or ()
     for i, h in enumerate(hidden):
         if i == 0:
@@ -1365,8 +1369,6 @@ def compare_states(source: Mapping[str, torch.Tensor], upcycled: Mapping[str, to
         if name not in upcycled:
             continue
         other = upcycled[name]
-        if name == "image features":  # LLaVA returns them flattened over images, AsyMoE per image
-            reference, other = reference.reshape(-1, reference.shape[-1]), other.reshape(-1, other.shape[-1])
         if other.shape != reference.shape:
             raise ValueError(f"{name}: source {tuple(reference.shape)} vs upcycled {tuple(other.shape)}")
         rows.append({

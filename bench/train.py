@@ -30,6 +30,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from asymoe import AsyMoEForConditionalGeneration
 from asymoe.benchmarking import median_seconds, peak_memory_mib, write_bench_record
+from asymoe.compat import enable_activation_checkpointing
 from asymoe.upcycling import model_parameter_counts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
         if variant != "dense":
             model.config.text_config.output_router_logits = True  # the router loss is part of the training step
         if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
         flops = flops_per_token(model, args)
         if args.compile:
             model.compile()

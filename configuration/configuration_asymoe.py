@@ -107,7 +107,7 @@ class AsyMoETextConfig(PreTrainedConfig):
 
     model_type = "asymoe_text"
     base_config_key = "text_config"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ This file is part of the Hub bundle: it imports only torch, transformers and its
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration.configuration_asymoe import (
@@ -42,6 +44,18 @@ from ..configuration.configuration_asymoe import (
     write_remote_code,
 )
 from .hyperbolic_asymoe import mobius_bias
+
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (in `generate`'s calls to `forward`, in output
+# fields, in the mask helpers and in the gradient-checkpointing guard). Every forward here accepts both names; calls
+# into transformers and the outputs use the installed release's name, so no release sees a deprecated one.
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeModelOutputWithPast)} else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache, given under its transformers >= 5.24 name `cache` or its older name `past_key_values`."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Two different KV caches were given: pass it once, as `cache` (older name: `past_key_values`).")
+    return cache if cache is not None else past_key_values
 
 
 class AsyMoERMSNorm(nn.Module):
@@ -156,7 +170,7 @@ class AsyMoEAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         input_shape = hidden_states.shape[:-1]
@@ -168,8 +182,8 @@ class AsyMoEAttention(nn.Module):
             query, key = self.q_norm(query), self.k_norm(key)
         cos, sin = position_embeddings
         query, key = apply_rotary(query.transpose(1, 2), cos, sin), apply_rotary(key.transpose(1, 2), cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -479,18 +493,20 @@ class AsyMoEDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
         image_mask: torch.Tensor | None = None,
         evidence_mask: torch.Tensor | None = None,
         past_length: int = 0,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """The cache comes under `CACHE_NAME`, the name `GradientCheckpointingLayer` drops while checkpointing."""
         residual = hidden_states
         attn_output, _, key_value = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             **kwargs,
         )
         hidden_states = residual + attn_output
@@ -509,7 +525,7 @@ class AsyMoEPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["AsyMoEDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _keep_in_fp32_modules_strict = ["router"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -568,14 +584,16 @@ class AsyMoETextModel(AsyMoEPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         image_mask: torch.BoolTensor | None = None,
         evidence_mask: torch.BoolTensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
         r"""
+        cache (`Cache`, *optional*): the KV cache (`past_key_values` is accepted as its older name).
         image_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Image-token positions (routed to the vision/inter experts). Default: none.
         evidence_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -587,16 +605,17 @@ class AsyMoETextModel(AsyMoEPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = _one_cache(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_length).unsqueeze(0)
         if image_mask is None:
             image_mask = torch.zeros(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
         if self.config.evidence_layers:
             evidence_mask = _evidence_history(
-                past_key_values, image_mask if evidence_mask is None else evidence_mask.bool(), past_length
+                cache, image_mask if evidence_mask is None else evidence_mask.bool(), past_length
             )
 
         mask_fn = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
@@ -604,8 +623,8 @@ class AsyMoETextModel(AsyMoEPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_NAME: cache},
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -614,17 +633,15 @@ class AsyMoETextModel(AsyMoEPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
                 image_mask=image_mask,
                 evidence_mask=evidence_mask,
                 past_length=past_length,
                 position_ids=position_ids,
+                **{CACHE_NAME: cache},
                 **kwargs,
             )
-        return MoeModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states),
-            past_key_values=past_key_values if use_cache else None,
-        )
+        cache = cache if use_cache else None
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache})
 
 
 def _evidence_history(
@@ -677,14 +694,25 @@ class AsyMoEMultiModalProjector(nn.Module):
 
 
 @dataclass
+class AsyMoEModelOutputWithPast(MoeModelOutputWithPast):
+    r"""
+    image_hidden_states (`torch.FloatTensor` or list of them, *optional*): projected image features (anyres: one
+        tensor per image).
+    """
+
+    image_hidden_states: torch.FloatTensor | list[torch.FloatTensor] | None = None
+
+
+@dataclass
 class AsyMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     r"""
     z_loss (`torch.FloatTensor`, *optional*): router z-loss (unweighted), when `output_router_logits`.
-    image_hidden_states (`torch.FloatTensor`, *optional*): projected image features.
+    image_hidden_states (`torch.FloatTensor` or list of them, *optional*): projected image features (anyres: one
+        tensor per image).
     """
 
     z_loss: torch.FloatTensor | None = None
-    image_hidden_states: torch.FloatTensor | None = None
+    image_hidden_states: torch.FloatTensor | list[torch.FloatTensor] | None = None
 
 
 class AsyMoEModel(AsyMoEPreTrainedModel):
@@ -820,24 +848,27 @@ class AsyMoEModel(AsyMoEPreTrainedModel):
             per_image.append(torch.cat([base, grid.flatten(1).transpose(0, 1)]))
         return per_image
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         mm_token_type_ids: torch.LongTensor | None = None,
         evidence_mask: torch.BoolTensor | None = None,
         image_sizes: torch.LongTensor | None = None,
         batch_num_images: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
-    ) -> MoeModelOutputWithPast:
+    ) -> AsyMoEModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        mm_token_type_ids = _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, past_key_values)
+        cache = _one_cache(cache, past_key_values)
+        mm_token_type_ids = _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, cache)
         if mm_token_type_ids is not None:
             image_mask = mm_token_type_ids == 1
         elif input_ids is not None:
@@ -871,7 +902,7 @@ class AsyMoEModel(AsyMoEPreTrainedModel):
                 image_mask.unsqueeze(-1).to(inputs_embeds.device), flat_features.to(inputs_embeds.dtype)
             )
         elif (
-            image_mask is not None and not torch.compiler.is_compiling() and not _continues_cache(past_key_values)
+            image_mask is not None and not torch.compiler.is_compiling() and not _continues_cache(cache)
             and image_mask.any()
         ):
             raise ValueError(
@@ -883,14 +914,13 @@ class AsyMoEModel(AsyMoEPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             image_mask=image_mask,
             evidence_mask=evidence_mask,
             **kwargs,
         )
-        outputs.image_hidden_states = image_features
-        return outputs
+        return AsyMoEModelOutputWithPast(**outputs, image_hidden_states=image_features)
 
 
 class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
@@ -950,13 +980,14 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
         """The MoE blocks in layer order (the order of `router_logits`)."""
         return [m for m in self.model.language_model.modules() if isinstance(m, AsyMoESparseBlock)]
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -966,9 +997,11 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
         image_sizes: torch.LongTensor | None = None,
         batch_num_images: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> AsyMoECausalLMOutputWithPast:
         r"""
+        cache (`Cache`, *optional*): the KV cache; transformers < 5.24 pass it as `past_key_values`, also accepted.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token labels (-100 = ignored). Image-token positions are always ignored.
         output_router_logits (`bool`, *optional*):
@@ -982,7 +1015,8 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
             (images of multi-image samples are not tiled), as the processor returns it.
         """
         text_config = self.config.text_config
-        mm_token_type_ids = _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, past_key_values)
+        cache = _one_cache(cache, past_key_values)
+        mm_token_type_ids = _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, cache)
         if output_router_logits is None:
             output_router_logits = text_config.output_router_logits
         output_router_logits = bool(output_router_logits and text_config.moe_layers)
@@ -991,7 +1025,7 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             mm_token_type_ids=mm_token_type_ids,
@@ -1025,11 +1059,11 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
             aux_loss=aux_loss,
             z_loss=z_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
             image_hidden_states=outputs.image_hidden_states,
+            **{CACHE_NAME: outputs.get(CACHE_NAME)},
         )
 
     def _image_mask(self, input_ids, mm_token_type_ids, hidden_states) -> torch.Tensor:
@@ -1046,7 +1080,7 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
         write_remote_code(save_directory, __file__)
 
 
-def _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, past_key_values) -> torch.Tensor | None:
+def _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, cache) -> torch.Tensor | None:
     """A forward that continues a cache without images (a decoding step) holds generated tokens: all text, even
     `<image>` ids. Otherwise the given `mm_token_type_ids` (None: image positions are the `<image>` ids), cut to
     the positions of this forward (transformers < 5.2x passes the whole sequence's ids to decoding steps)."""
@@ -1054,16 +1088,16 @@ def _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, past_ke
         return mm_token_type_ids[..., -input_ids.shape[-1]:]
     if (
         mm_token_type_ids is None and input_ids is not None and pixel_values is None
-        and _continues_cache(past_key_values)
+        and _continues_cache(cache)
     ):
         return torch.zeros_like(input_ids)
     return mm_token_type_ids
 
 
-def _continues_cache(past_key_values: Cache | None) -> bool:
+def _continues_cache(cache: Cache | None) -> bool:
     """Whether a forward continues a filled cache (a decoding step). A compiled forward counts as one (`generate`
     compiles decoding steps only): reading the cache's length, a tensor in static caches, would sync with the host."""
-    return past_key_values is not None and (torch.compiler.is_compiling() or past_key_values.get_seq_length() > 0)
+    return cache is not None and (torch.compiler.is_compiling() or cache.get_seq_length() > 0)
 
 
 def _current_token_mask(attention_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor:

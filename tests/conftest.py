@@ -3,7 +3,11 @@ tiny models, and a fixed RNG seed for every test. Nothing here downloads anythin
 
 from __future__ import annotations
 
+import logging
 import random
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +25,61 @@ needs_trl_vision_masks = pytest.mark.skipif(
     reason="TRL's SFT with assistant-only loss on images needs transformers >= 5.18",
 )
 WORDS = "what color shape is the a red blue green yellow circle square triangle left right yes no".split()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _package(frame) -> str:
+    return frame.f_globals.get("__name__", "").split(".")[0]
+
+
+def _on_our_code_path(frame) -> str | None:
+    """`file:line` of the first frame outside the package that `frame` belongs to (the deprecated API's caller),
+    if that caller is this repository's code; None otherwise (a third-party library calling its dependencies)."""
+    while frame is not None and _package(frame) == "logging":
+        frame = frame.f_back
+    library = _package(frame) if frame is not None else None
+    while frame is not None and _package(frame) == library:
+        frame = frame.f_back
+    if frame is None:
+        return None
+    path = Path(frame.f_code.co_filename)
+    if REPO not in path.parents or "site-packages" in path.parts:
+        return None
+    return f"{path.relative_to(REPO)}:{frame.f_lineno}"
+
+
+class DeprecationOnOurPath(Exception):
+    """A library deprecated something this repository calls: rename it now, while both names still work."""
+
+
+def _fail_deprecations_on_our_code_path() -> None:
+    """Turn every deprecation that a library raises on this repository's code paths into an error: Python warnings
+    (FutureWarning, DeprecationWarning; transformers' `deprecate_kwarg` among them) and transformers' logged ones
+    ("... is deprecated ..." through `logger.warning_once`). Deprecations a third-party library triggers in its own
+    calls (TRL or PEFT using a transformers name that transformers deprecated) stay ordinary warnings."""
+    original_warn = warnings.warn
+
+    def warn(message, category=None, stacklevel=1, source=None, **kwargs):
+        category = type(message) if isinstance(message, Warning) else (category or UserWarning)
+        if issubclass(category, (FutureWarning, DeprecationWarning)):
+            caller = _on_our_code_path(sys._getframe(1))
+            if caller is not None:
+                raise DeprecationOnOurPath(f"{caller} uses a deprecated API: {message}")
+        original_warn(message, category, stacklevel + 1, source, **kwargs)
+
+    class LoggedDeprecations(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "deprecated" in record.getMessage().lower():
+                caller = _on_our_code_path(sys._getframe(1))
+                if caller is not None:
+                    raise DeprecationOnOurPath(f"{caller} uses a deprecated API: {record.getMessage()}")
+
+    warnings.warn = warn
+    logging.getLogger("transformers").addHandler(LoggedDeprecations())
+
+
+def pytest_configure(config):
+    _fail_deprecations_on_our_code_path()
 
 
 def seed_everything(seed: int = 0) -> None:

@@ -20,7 +20,7 @@ from packaging.requirements import Requirement
 
 import asymoe
 from asymoe import AsyMoEForConditionalGeneration
-from asymoe.tiny import build_tokenizer, tiny_config, tiny_processor
+from asymoe.tiny import build_tokenizer, tiny_config, tiny_llava, tiny_processor
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE_SOURCES = {
@@ -214,13 +214,21 @@ def test_bundle_imports_only_torch_transformers_stdlib_and_siblings(name):
         assert roots <= allowed_roots, f"{name} imports {roots - allowed_roots}"
 
 
-def test_wheel_installs_one_namespace(tmp_path):
-    """The built wheel installs everything under `asymoe` (no generic top-level `configuration`, `eval`, ...)."""
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The project's wheel, built from this checkout."""
+    directory = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(directory),
+         str(REPO)],
         check=True, capture_output=True,
     )
-    (wheel,) = tmp_path.glob("asymoe-*.whl")
+    (built,) = directory.glob("asymoe-*.whl")
+    return built
+
+
+def test_wheel_installs_one_namespace(wheel):
+    """The built wheel installs everything under `asymoe` (no generic top-level `configuration`, `eval`, ...)."""
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     assert {name.split("/")[0] for name in names} == {"asymoe", f"{wheel.name.split('-')[0]}-{asymoe.__version__}.dist-info"}
@@ -229,3 +237,31 @@ def test_wheel_installs_one_namespace(tmp_path):
         assert f"asymoe/{module}" in names
     entry_points = zipfile.ZipFile(wheel).read(f"asymoe-{asymoe.__version__}.dist-info/entry_points.txt").decode()
     assert "asymoe = asymoe.cli:main" in entry_points
+
+
+def test_model_only_install_upcycles(wheel, tmp_path):
+    """`pip install asymoe` without the toolkit (torch, transformers, safetensors, pillow): `asymoe upcycle` works,
+    a toolkit command says what to install."""
+    site = _isolated_site(tmp_path)
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    tokenizer = build_tokenizer("what color is the shape red blue".split())
+    dense, processor = tiny_llava(tokenizer)
+    dense.save_pretrained(tmp_path / "dense")
+    processor.save_pretrained(tmp_path / "dense")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONNOUSERSITE="1")
+
+    def asymoe_cli(*args: str) -> subprocess.CompletedProcess:
+        code = (f"import sys; sys.path.insert(0, {str(site)!r}); from asymoe.cli import main; "
+                f"sys.exit(main({list(args)!r}))")
+        return subprocess.run([sys.executable, "-S", "-s", "-c", code], capture_output=True, text=True, env=env,
+                              timeout=600, cwd=tmp_path)
+
+    assert "DST" in asymoe_cli("upcycle", "--help").stdout
+    upcycled = asymoe_cli("upcycle", str(tmp_path / "dense"), str(tmp_path / "asymoe"))
+    assert upcycled.returncode == 0, upcycled.stderr[-4000:]
+    assert "deviation from the source" in upcycled.stdout
+    assert (tmp_path / "asymoe" / "config.json").exists() and list((tmp_path / "asymoe").glob("*.safetensors"))
+    toolkit = asymoe_cli("eval", "--help")
+    assert toolkit.returncode != 0 and "pip install 'asymoe[toolkit]'" in toolkit.stderr

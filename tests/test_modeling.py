@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from asymoe import AsyMoEForConditionalGeneration
+from asymoe.compat import CACHE_NAME, enable_activation_checkpointing
 from asymoe.tiny import tiny_config
 
 from conftest import make_image, seed_everything
@@ -315,8 +316,8 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(make_model, make_i
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     loss, grads = loss_and_grads()
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing
+    enable_activation_checkpointing(model)
+    assert any(layer.gradient_checkpointing for layer in model.model.language_model.layers)
     loss_ckpt, grads_ckpt = loss_and_grads()
     torch.testing.assert_close(loss_ckpt, loss, atol=1e-6, rtol=0)
     assert grads_ckpt.keys() == grads.keys()
@@ -390,6 +391,37 @@ def test_cached_generation_equals_uncached_and_full_reruns(lively, make_inputs):
     assert torch.equal(lively.generate(**typed, max_new_tokens=8, do_sample=False), cached)
 
 
+def test_cache_under_either_name_and_tuple_outputs(lively, make_inputs):
+    """transformers 5.24 passes the KV cache as `cache=`, earlier releases as `past_key_values=`: both continue the
+    same cache; `return_dict=False` gives the output's tuple, as transformers' models do."""
+    prompt = make_inputs(PROMPT_B, image_seed=1)
+    with torch.no_grad():
+        prefill = lively(**prompt, use_cache=True)
+        cache = prefill[CACHE_NAME]
+        assert cache.get_seq_length() == prompt["input_ids"].shape[1]
+        step = prefill.logits[:, -1:].argmax(-1)
+        mask = torch.cat([prompt["attention_mask"], torch.ones_like(step)], 1)
+        new = lively(input_ids=step, attention_mask=mask, cache=copy.deepcopy(cache)).logits
+        old = lively(input_ids=step, attention_mask=mask, past_key_values=copy.deepcopy(cache)).logits
+        full = lively(
+            input_ids=torch.cat([prompt["input_ids"], step], 1), attention_mask=mask,
+            pixel_values=prompt["pixel_values"], use_cache=False,
+        ).logits
+        torch.testing.assert_close(new, old, atol=0, rtol=0)
+        torch.testing.assert_close(new[:, -1], full[:, -1], atol=1e-5, rtol=1e-4)
+        with pytest.raises(ValueError, match="Two different KV caches"):
+            lively(input_ids=step, attention_mask=mask, cache=cache, past_key_values=copy.deepcopy(cache))
+
+        as_tuple = lively(**prompt, labels=prompt["input_ids"], return_dict=False)
+        as_dict = lively(**prompt, labels=prompt["input_ids"])
+        assert isinstance(as_tuple, tuple) and len(as_tuple) == len(as_dict)
+        torch.testing.assert_close(as_tuple[0], as_dict.loss)
+        torch.testing.assert_close(as_tuple[1], as_dict.logits)
+        base = lively.model(**prompt, return_dict=False)
+        assert isinstance(base, tuple)
+        torch.testing.assert_close(base[-1], lively.model(**prompt).image_hidden_states)
+
+
 def test_generated_image_tokens_are_text(lively, make_inputs):
     """A generated `<image>` id carries no image features: it is routed, and never read as evidence, as text —
     identically with the cache (decode steps), without it, and in a full re-run that marks it as text."""
@@ -415,10 +447,10 @@ def test_generated_image_tokens_are_text(lively, make_inputs):
 
     # A manual decode step continuing the cache without images: `<image>` ids are text without being told so.
     with torch.no_grad():
-        cache = lively(**prompt, use_cache=True).past_key_values
+        cache = lively(**prompt, use_cache=True)[CACHE_NAME]
         step = torch.tensor([[image_id]])
         mask = torch.cat([prompt["attention_mask"], torch.ones_like(step)], 1)
-        implicit = lively(input_ids=step, attention_mask=mask, past_key_values=copy.deepcopy(cache)).logits
+        implicit = lively(input_ids=step, attention_mask=mask, cache=copy.deepcopy(cache)).logits
         explicit = lively(
             input_ids=step, attention_mask=mask, past_key_values=copy.deepcopy(cache),
             mm_token_type_ids=torch.zeros_like(step),
