@@ -2,7 +2,7 @@
 
 Standard suite (schemas and splits of the lmms-lab copies lmms-eval uses; prompts as LLaVA-1.5's evaluation):
 VQAv2, GQA, TextVQA, VizWiz, ScienceQA-IMG, POPE, MME, MMBench. Project tasks: the grounding benchmark's test
-splits and easy-vqa. Every task reads a local copy with `--data task=PATH` (parquet file or folder, JSON, or a
+and validation splits, and easy-vqa. Every task reads a local copy with `--data task=PATH` (parquet file or folder, JSON, or a
 `save_to_disk` directory); without one it loads the Hub copy (network). See docs/evaluation.md.
 """
 
@@ -104,13 +104,13 @@ TASKS: dict[str, Task] = {task.name: task for task in [
          lambda r: r["answer"], hub=("lmms-lab/MMBench", "en", "dev"),
          metric_inputs=lambda rows: {"options": [_mmbench_options(r) for r in rows],
                                      "question_ids": [str(int(r["index"]) % 1_000_000) for r in rows]}),
-    _grounding("test_prior"),
-    _grounding("test_counter"),
-    _grounding("test_hierarchy"),
+    *(_grounding(f"{part}_{kind}") for part in ("test", "validation") for kind in ("prior", "counter", "hierarchy")),
     Task("easy_vqa", "exact_match", lambda r: _short(r["question"]), lambda r: r["answer"],
          breakdown=("question_type",)),
 ]}
 TASK_GROUPS = {"grounding": ["grounding_prior", "grounding_counter", "grounding_hierarchy"],
+               "grounding_validation": ["grounding_validation_prior", "grounding_validation_counter",
+                                        "grounding_validation_hierarchy"],
                "standard": ["vqav2", "gqa", "textvqa", "vizwiz", "scienceqa_img", "pope", "mme", "mmbench"]}
 
 
