@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader, or a crash, never sees a half-written results file."""
+"""Atomic file writes: a reader, or a crash, never sees a half-written results file or plot."""
 
 from __future__ import annotations
 
@@ -14,4 +14,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
         handle.write(text)
     os.replace(handle.name, path)
+    return path
+
+
+def atomic_save_figure(figure, path: str | os.PathLike) -> Path:
+    """Save a matplotlib `figure` as PNG to a temporary sibling of `path`, rename it onto `path` (creating the
+    parent) and close the figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    os.replace(temporary, path)
     return path
