@@ -13,8 +13,45 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import transformers
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.image_processing_utils import select_best_resolution
+from transformers.utils import logging
+
+# The transformers releases this code passed the version matrix on (docs/compatibility.md; `nox -s compatibility`
+# writes this line). Checked when this file is imported (the first bundle file a checkpoint loads), so a checkpoint's
+# code stops with a clear message instead of failing, or silently computing something else, under a release it was
+# never run on.
+TESTED_TRANSFORMERS = {"minimum": "5.17.0", "newest": "5.24.0"}
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a version string such as "5.24.0" or "5.25.0.dev0"."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    if match is None:
+        raise ValueError(f"Cannot read the transformers version {version!r}.")
+    return tuple(int(part or 0) for part in match.groups())
+
+
+def check_transformers_version(tested: dict[str, str] = TESTED_TRANSFORMERS) -> None:
+    """Raise `ImportError` under a transformers older than the tested minimum; warn under one newer than the newest
+    tested release, once per process (transformers re-imports remote code on every load)."""
+    installed = transformers.__version__
+    if _release(installed) < _release(tested["minimum"]):
+        raise ImportError(
+            f"AsyMoE's code needs transformers >= {tested['minimum']} (tested on {tested['minimum']} to "
+            f"{tested['newest']}), but transformers {installed} is installed: pip install -U "
+            f"'transformers>={tested['minimum']}'"
+        )
+    if _release(installed) > _release(tested["newest"]):
+        logging.get_logger("transformers").warning_once(
+            f"AsyMoE's code was tested on transformers {tested['minimum']} to {tested['newest']}; transformers "
+            f"{installed} is newer and untested. If results look wrong (generation, training), install "
+            f"transformers=={tested['newest']} or a newer AsyMoE release."
+        )
+
+
+check_transformers_version()
 
 MOE_VARIANTS = ("dense", "vanilla", "modality", "asymoe")
 MANIFOLDS = ("poincare", "lorentz")
@@ -302,6 +339,9 @@ class AsyMoEConfig(PreTrainedConfig):
         vision_aspect_ratio (`str`, *optional*): OneVision's `"anyres_max_N"`: tile features larger than about N
             tiles are bilinearly pooled down to N tiles' worth. `None`: no pooling (LLaVA-NeXT).
         upcycling (`dict`, *optional*): manifest written when the model was upcycled from a dense checkpoint.
+
+    `config.json` also records `tested_transformers`, the transformers releases the code saved with it was tested on
+    (always this code's own range: a value read from an older file is replaced).
     """
 
     model_type = "asymoe"
@@ -322,6 +362,8 @@ class AsyMoEConfig(PreTrainedConfig):
         tie_word_embeddings: bool | None = None,
         **kwargs,
     ):
+        kwargs.pop("tested_transformers", None)
+        self.tested_transformers = dict(TESTED_TRANSFORMERS)
         if isinstance(vision_config, dict):
             vision_config = dict(vision_config)
             model_type = vision_config.pop("model_type", "clip_vision_model")
@@ -479,4 +521,13 @@ def _find_sibling(source: Path, module_name: str, text: str) -> Path:
     return source.parent / f"{module_name}.py"
 
 
-__all__ = ["AnyresLayout", "AsyMoEConfig", "AsyMoETextConfig", "ExpertLayout", "anyres_layout", "write_remote_code"]
+__all__ = [
+    "AnyresLayout",
+    "AsyMoEConfig",
+    "AsyMoETextConfig",
+    "ExpertLayout",
+    "TESTED_TRANSFORMERS",
+    "anyres_layout",
+    "check_transformers_version",
+    "write_remote_code",
+]

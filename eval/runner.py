@@ -20,10 +20,45 @@ from .tasks import TASKS, Task, load_rows, resolve_tasks, score
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# How far apart two tokens' logits may be for a cached and an uncached run to pick differently without an error:
+# numerics differ between the two paths, so near-ties may flip; a broken cache flips tokens by far more.
+TIE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.05}
+
+
+class CachedGenerationMismatch(RuntimeError):
+    """Greedy generation with the KV cache differs from generation without it: the model's code and the installed
+    transformers disagree about the cache, and every cached answer would be wrong."""
+
+
+def check_cached_generation(model, inputs, cached: torch.Tensor, max_new_tokens: int, pad_token_id) -> None:
+    """Raise `CachedGenerationMismatch` unless uncached greedy decoding of `inputs` gives `cached`, up to near-ties
+    (where the two first part, the uncached logits of the two tokens lie within `TIE_TOLERANCE`)."""
+    uncached = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id,
+                              use_cache=False, output_logits=True, return_dict_in_generate=True)
+    prompt_length = inputs["input_ids"].shape[1]
+    length = min(cached.shape[1], uncached.sequences.shape[1])
+    for row in range(cached.shape[0]):
+        differs = (cached[row, :length] != uncached.sequences[row, :length]).nonzero()
+        if differs.numel() == 0:
+            continue
+        step = int(differs[0]) - prompt_length
+        logits = uncached.logits[step][row].float()
+        gap = float(logits[uncached.sequences[row, prompt_length + step]] - logits[cached[row, prompt_length + step]])
+        if gap > TIE_TOLERANCE.get(model.dtype, 1e-3):
+            raise CachedGenerationMismatch(
+                f"Greedy answers with the KV cache differ from answers without it (row {row}, generated token {step}: "
+                f"logit gap {gap:.3g}), so cached answers would be wrong. The model's code does not handle "
+                f"transformers {sys.modules['transformers'].__version__} correctly (transformers 5.24 renamed the "
+                "cache argument, for example). Install a transformers release the checkpoint was tested on "
+                "(config.json: `tested_transformers`) or update the model's code."
+            )
+
+
 @torch.no_grad()
 def generate_answers(model, processor, task: Task, rows: list[dict], batch_size: int = 8,
-                     max_new_tokens: int = 16, progress: bool = True) -> list[str]:
-    """Greedy answers to the task's prompts, batched with left padding; only the new tokens, decoded and stripped."""
+                     max_new_tokens: int = 16, progress: bool = True, check_cache: bool = False) -> list[str]:
+    """Greedy answers to the task's prompts, batched with left padding; only the new tokens, decoded and stripped.
+    With `check_cache`, the first batch is also decoded without the KV cache (`check_cached_generation`)."""
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
         raise ValueError(f"{type(processor).__name__} has no tokenizer: evaluation needs a multimodal processor "
@@ -44,6 +79,8 @@ def generate_answers(model, processor, task: Task, rows: list[dict], batch_size:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)
+        if check_cache and start == 0:
+            check_cached_generation(model, inputs, output, max_new_tokens, tokenizer.pad_token_id)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return answers
@@ -53,13 +90,17 @@ def evaluate_model(model, processor, tasks: list[str], data: dict[str, str] | No
                    batch_size: int = 8, max_new_tokens: int = 16, output_dir: str | os.PathLike | None = None,
                    progress: bool = True) -> dict:
     """Run `tasks` (names or groups) and score them; with `output_dir`, write results.json, results.md and one
-    `<task>.predictions.jsonl` per task (atomically). Returns {task: {"metrics": ..., "n": ...}}."""
+    `<task>.predictions.jsonl` per task (atomically). Returns {task: {"metrics": ..., "n": ...}}.
+
+    The first batch is also decoded without the KV cache: a model whose cached generation is wrong under the
+    installed transformers stops the run (`CachedGenerationMismatch`) instead of producing a wrong table."""
     data = data or {}
     model.eval()
     results = {}
-    for task in resolve_tasks(tasks):
+    for index, task in enumerate(resolve_tasks(tasks)):
         rows = list(load_rows(task, data.get(task.data_key or task.name), limit))
-        predictions = generate_answers(model, processor, task, rows, batch_size, max_new_tokens, progress)
+        predictions = generate_answers(model, processor, task, rows, batch_size, max_new_tokens, progress,
+                                       check_cache=index == 0)
         results[task.name] = {"metrics": score(task, predictions, rows), "n": len(rows)}
         if output_dir is not None:
             lines = [json.dumps({"prompt": task.prompt(r), "prediction": p, "reference": task.reference(r)},
@@ -142,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         output = Path(args.output)
         results = evaluate_model(model, processor, [t for t in args.tasks.split(",") if t], data, args.limit,
                                  args.batch_size, args.max_new_tokens, output)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, CachedGenerationMismatch) as err:
         print(f"asymoe eval: error: {err}", file=sys.stderr)
         return 2
     import transformers

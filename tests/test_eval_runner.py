@@ -1,6 +1,7 @@
 """`asymoe eval`: every task runs on its local fixture (public-schema parquet) offline with a tiny AsyMoE and a
 tiny transformers LLaVA; each task's scoring equals hand-computed values on crafted predictions."""
 
+import functools
 import json
 
 import pytest
@@ -115,3 +116,26 @@ def test_model_card_and_errors(setup, tmp_path):
     assert cli_main(["eval", str(root / "asymoe"), "--tasks", "gqa", "--data", f"gqa={tmp_path / 'missing'}",
                      "--output", str(tmp_path)]) == 2
     assert TASKS["textvqa"].prompt(ROWS["textvqa"][0]).startswith("what is written ?\nReference OCR token: stop\n")
+
+
+def test_broken_cache_stops_the_run(setup):
+    """The canary: a model whose decoding steps ignore the KV cache (what transformers 5.24's renamed cache argument
+    did to remote code that only knew `past_key_values`) stops `evaluate_model` instead of writing wrong scores."""
+    from asymoe.eval.runner import CachedGenerationMismatch, evaluate_model
+    from asymoe.processing import AsyMoEProcessor
+
+    root, data = setup
+    model = AsyMoEForConditionalGeneration.from_pretrained(root / "asymoe").eval()
+    processor = AsyMoEProcessor.from_pretrained(root / "asymoe")
+    evaluate_model(model, processor, ["grounding"], data, limit=4, batch_size=4, max_new_tokens=6, progress=False)
+
+    forward = model.forward
+
+    @functools.wraps(forward)  # `generate` checks its inputs against the forward's signature
+    def forgetful(*args, cache=None, past_key_values=None, **kwargs):
+        return forward(*args, **kwargs)
+
+    model.forward = forgetful
+    with pytest.raises(CachedGenerationMismatch, match="differ from answers without it"):
+        evaluate_model(model, processor, ["grounding"], data, limit=4, batch_size=4, max_new_tokens=6,
+                       progress=False)

@@ -122,17 +122,22 @@ ISOLATED_SCRIPT = textwrap.dedent(
 )
 
 
-def test_bundle_loads_in_isolated_interpreter(checkpoint, tmp_path):
-    """Every Auto class loads and generates with only torch/transformers/safetensors/pillow importable."""
-    site = _isolated_site(tmp_path)
+def _run_isolated(tmp_path: Path, script: str, *args: str, site: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `script` with `args` in an interpreter that sees only `site` (default: the allowed distributions)."""
+    site = site or _isolated_site(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONNOUSERSITE="1")
-    code = f"import sys; sys.path.insert(0, {str(site)!r}); exec(compile(open({str(tmp_path / 'run.py')!r}).read(), 'run.py', 'exec'))"
-    (tmp_path / "run.py").write_text(ISOLATED_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, "-S", "-s", "-c", code, str(checkpoint), ",".join(AUTO_CLASSES)],
-        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    (tmp_path / "run.py").write_text(script)
+    code = f"import sys; sys.path.insert(0, {str(site)!r}); exec(compile(open('run.py').read(), 'run.py', 'exec'))"
+    return subprocess.run(
+        [sys.executable, "-S", "-s", "-c", code, *args], capture_output=True, text=True, env=env, timeout=600,
+        cwd=tmp_path,
     )
+
+
+def test_bundle_loads_in_isolated_interpreter(checkpoint, tmp_path):
+    """Every Auto class loads and generates with only torch/transformers/safetensors/pillow importable."""
+    proc = _run_isolated(tmp_path, ISOLATED_SCRIPT, str(checkpoint), ",".join(AUTO_CLASSES))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["config"] == "AsyMoEConfig" and result["processor"] == "AsyMoEProcessor"
@@ -162,6 +167,39 @@ def _local_logits_sum(directory: Path) -> float:
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     with torch.no_grad():
         return float(model(**processor(images=image, text=prompt, return_tensors="pt")).logits.double().sum())
+
+
+VERSION_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    # What a user with another release would have (set after the imports, which can re-import the package).
+    sys.modules["transformers"].__version__ = sys.argv[2]
+    AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
+    AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True)
+    AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+    """
+)
+
+
+def test_bundle_guards_its_transformers_range(checkpoint, tmp_path):
+    """The checkpoint records the transformers releases its code was tested on; under an older one loading stops
+    with the minimum to install, under a newer one it warns once, naming the newest tested release."""
+    tested = json.loads((checkpoint / "config.json").read_text())["tested_transformers"]
+    assert tested == asymoe.configuration.configuration_asymoe.TESTED_TRANSFORMERS
+    site = _isolated_site(tmp_path)
+
+    older = _run_isolated(tmp_path, VERSION_SCRIPT, str(checkpoint), "5.16.1", site=site)
+    assert older.returncode != 0
+    assert f"needs transformers >= {tested['minimum']}" in older.stderr and "5.16.1 is installed" in older.stderr
+
+    newer = _run_isolated(tmp_path, VERSION_SCRIPT, str(checkpoint), "5.99.0", site=site)
+    assert newer.returncode == 0, newer.stderr[-4000:]
+    warned = [line for line in newer.stderr.splitlines() if "newer and untested" in line]
+    assert len(warned) == 1 and f"to {tested['newest']}" in warned[0] and "5.99.0 is newer" in warned[0]
+
+    tested_newest = _run_isolated(tmp_path, VERSION_SCRIPT, str(checkpoint), tested["newest"], site=site)
+    assert tested_newest.returncode == 0 and "untested" not in tested_newest.stderr
 
 
 def test_isolated_site_excludes_toolkit(tmp_path):
