@@ -138,8 +138,7 @@ def _build_dense(data: Path, config: ComparisonConfig, target: Path) -> None:
 def _upcycle_variant(dense: Path, overrides: dict, config: ComparisonConfig, target: Path) -> None:
     from .upcycling import upcycle
 
-    upcycle(dense, target / "model", mode="copy", seed=config.seed, noise_std=config.noise_std,
-            output_router_logits=True, **overrides)
+    upcycle(dense, target / "model", mode="copy", seed=config.seed, noise_std=config.noise_std, **overrides)
 
 
 def _print(message: str) -> None:

@@ -298,7 +298,7 @@ def asymoe_config_from_llava(
 def _default_num_slices(text_config: AsyMoETextConfig) -> int:
     """The most experts one token can reach in any MoE layer (so each modality's experts cover distinct slices)."""
     layouts = [text_config.expert_layout(i) for i in text_config.moe_layers]
-    return max(max(lay.num_image_reachable, lay.num_text_reachable) for lay in layouts)
+    return max(len(lay.reachable(modality)) for lay in layouts for modality in ("image", "text"))
 
 
 def partition_slices(layout: ExpertLayout, num_slices: int) -> list[int]:
@@ -696,14 +696,18 @@ def _fresh_block_tensors(
     with torch.device("meta"):  # a detached copy: the meta model keeps no materialised tensors
         block = _modeling_module.AsyMoESparseBlock(text, text.expert_layout(layer))
     big = {"experts.gate_up_proj", "experts.down_proj"}
-    fresh: dict[str, nn.Parameter] = {}
-    for name, param in list(block.named_parameters()):
+    fresh: dict[str, torch.Tensor] = {}
+    for name, tensor in block.state_dict(keep_vars=True).items():  # parameters and saved buffers (router bias)
         if name in big:
             continue
         owner_path, _, attr = name.rpartition(".")
         owner = block.get_submodule(owner_path)
-        fresh[name] = nn.Parameter(torch.empty(param.shape, dtype=torch.float32), requires_grad=param.requires_grad)
-        setattr(owner, attr, fresh[name])
+        fresh[name] = torch.empty(tensor.shape, dtype=torch.float32)
+        if isinstance(tensor, nn.Parameter):
+            fresh[name] = nn.Parameter(fresh[name], requires_grad=tensor.requires_grad)
+            setattr(owner, attr, fresh[name])
+        else:
+            owner.register_buffer(attr, fresh[name])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_derived_seed(seed, "block", layer))
         for module in block.modules():

@@ -101,13 +101,12 @@ class ExpertLayout:
             start += count
         return slices
 
-    @property
-    def num_image_reachable(self) -> int:
-        return self.num_vision + self.num_inter
-
-    @property
-    def num_text_reachable(self) -> int:
-        return self.num_text + self.num_inter + self.num_evidence
+    def reachable(self, modality: str) -> tuple[int, ...]:
+        """The experts tokens of `modality` may route to: image tokens the vision and inter experts, text tokens the
+        text, inter and evidence experts (the one definition the router, its losses and statistics use)."""
+        groups = {"image": ("vision", "inter"), "text": ("text", "inter", "evidence")}[modality]
+        spans = [span for name, span in self.group_slices().items() if name in groups]
+        return tuple(expert for span in spans for expert in range(span.start, span.stop))
 
 
 class AsyMoETextConfig(PreTrainedConfig):
@@ -137,9 +136,14 @@ class AsyMoETextConfig(PreTrainedConfig):
         hyperbolic_scale (`float`, *optional*): initial tangent scale s of each Möbius map; default √(map width).
         mobius_residual (`bool`): use the residual form of the Möbius bias (exactly Euclidean at zero bias, keeps
             magnitudes beyond the clamp radius; see `hyperbolic_asymoe.mobius_bias`); `False` = textbook map.
-        output_router_logits (`bool`): return router logits and add the auxiliary losses to the loss.
-        router_aux_loss_coef (`float`): weight of the per-modality Switch load-balancing loss.
-        router_z_loss_coef (`float`): weight of the router z-loss.
+        router_bias_update_rate (`float`): auxiliary-loss-free load balancing (DeepSeek-V3): experts are selected by
+            router logit + a per-modality bias, and after every optimizer step each bias moves by this rate towards
+            balance (up for experts below their modality's mean load, down above it). No loss term, so any trainer
+            (TRL's included) trains it as is. `0` turns it off.
+        output_router_logits (`bool`): return router logits (and `aux_loss`, `z_loss`) from the forward.
+        router_aux_loss_coef (`float`): weight of the per-modality Switch load-balancing loss that the model's own
+            forward adds to its loss (with `output_router_logits`); default 0: balancing is loss-free.
+        router_z_loss_coef (`float`): weight of the router z-loss (idem).
     """
 
     model_type = "asymoe_text"
@@ -186,8 +190,9 @@ class AsyMoETextConfig(PreTrainedConfig):
         learn_curvature: bool = True,
         hyperbolic_scale: float | None = None,
         mobius_residual: bool = True,
+        router_bias_update_rate: float = 1e-3,
         output_router_logits: bool = False,
-        router_aux_loss_coef: float = 0.001,
+        router_aux_loss_coef: float = 0.0,
         router_z_loss_coef: float = 0.0,
         **kwargs,
     ):
@@ -249,6 +254,7 @@ class AsyMoETextConfig(PreTrainedConfig):
         self.learn_curvature = learn_curvature
         self.hyperbolic_scale = hyperbolic_scale
         self.mobius_residual = mobius_residual
+        self.router_bias_update_rate = router_bias_update_rate
         self.output_router_logits = output_router_logits
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_z_loss_coef = router_z_loss_coef
@@ -279,6 +285,11 @@ class AsyMoETextConfig(PreTrainedConfig):
             raise ValueError(f"curvature must be > 0 (got {self.curvature}).")
         if self.num_experts_per_tok < 1:
             raise ValueError(f"num_experts_per_tok must be >= 1 (got {self.num_experts_per_tok}).")
+        if not self.router_bias_update_rate >= 0:
+            raise ValueError(
+                f"router_bias_update_rate must be >= 0 (got {self.router_bias_update_rate}); 0 turns the "
+                "loss-free balancing off."
+            )
         counts = (self.num_vision_experts, self.num_text_experts, self.num_inter_experts, self.num_evidence_experts)
         if min(counts) < 0:
             raise ValueError(f"expert counts must be >= 0 (got vision/text/inter/evidence = {counts}).")
@@ -300,13 +311,30 @@ class AsyMoETextConfig(PreTrainedConfig):
         k = self.num_experts_per_tok
         for layer in self.moe_layers:
             layout = self.expert_layout(layer)
-            for modality, reachable in (("image", layout.num_image_reachable), ("text", layout.num_text_reachable)):
+            for modality in ("image", "text"):
+                reachable = len(layout.reachable(modality))
                 if reachable < k:
                     raise ValueError(
                         f"num_experts_per_tok={k} is larger than the {reachable} experts {modality} tokens can reach "
                         f"in MoE layer {layer} ({layout}); lower num_experts_per_tok or add experts to the groups "
                         f"{modality} tokens reach."
                     )
+
+    @property
+    def num_experts(self):
+        """Not defined: AsyMoE's layers differ in expert count, and each modality reaches only its own groups.
+
+        Trainers that read it (TRL, when its `router_aux_loss_coef` is non-zero) would add Mixtral's load-balancing
+        loss over all experts of a layer, blind to the modality masks; AsyMoE balances without a loss instead."""
+        raise AttributeError(
+            "AsyMoE has no single `num_experts`: layers differ in expert count and each modality reaches only its "
+            "own expert groups, so a trainer-side Mixtral load-balancing loss would be wrong for it (TRL computes "
+            "one when its `router_aux_loss_coef` is non-zero, and DPO whenever the model config has "
+            "`output_router_logits=True`). AsyMoE balances experts without a loss (`router_bias_update_rate`): keep "
+            "`router_aux_loss_coef` at 0 in the trainer's config and `output_router_logits` False in the model's "
+            "(the defaults). The per-modality Switch loss is the model's own: set `router_aux_loss_coef` in the model "
+            "config and train on the model's loss (`model(..., labels=..., output_router_logits=True)`)."
+        )
 
     def expert_layout(self, layer_idx: int) -> ExpertLayout | None:
         """The expert groups of decoder layer `layer_idx`, or `None` if its FFN is dense."""

@@ -182,11 +182,11 @@ def analyze(model, processor, dataset, limit: int | None = None, batch_size: int
             inputs = encode(images, prompts)
             is_image = inputs["input_ids"] == image_token_id
             selected = text_after_image_mask(inputs["input_ids"], inputs["attention_mask"], image_token_id)
-            extra = {"output_router_logits": True} if routing is not None else {}
+            handles = routing.track(model) if routing is not None else []
             with probe.capture(selected, is_image):
-                outputs = model(**inputs, use_cache=False, **extra)
-            if routing is not None:
-                routing.update(outputs.router_logits, is_image, inputs["attention_mask"])
+                model(**inputs, use_cache=False)
+            for handle in handles:
+                handle.remove()
             original, top_expert = probe.ffn, probe.top_expert
             for index, mass in probe.attention.items():
                 attention[index] += float(mass.sum())

@@ -13,7 +13,9 @@ This file is part of the Hub bundle: it imports only torch, transformers and its
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -217,28 +220,121 @@ class AsyMoEMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
+def reach_masks(layout: ExpertLayout, device: torch.device | str) -> torch.Tensor:
+    """[2, E] bool: the experts image tokens (row 0) and text tokens (row 1) may route to (`ExpertLayout.reachable`).
+
+    Built on each call, not kept as a buffer (meta-device loading leaves buffers uninitialised).
+    """
+    masks = torch.zeros(2, layout.num_experts, dtype=torch.bool, device=device)
+    for row, modality in enumerate(("image", "text")):
+        masks[row, list(layout.reachable(modality))] = True
+    return masks
+
+
+def select_experts(
+    logits: torch.Tensor, reachable: torch.Tensor, bias: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routing rule, in one place (the router, its losses and its statistics all use it).
+
+    logits [N, E] fp32, reachable [N, E] bool, bias [N, E] -> probs [N, E] (softmax over the reachable experts),
+    top-k weights [N, k] and expert ids [N, k]. The experts are the top-k of logit + bias (the load-balancing bias
+    steers the choice only, as in DeepSeek-V3); their weights are their probabilities renormalised over the k chosen.
+    """
+    masked = logits.masked_fill(~reachable, float("-inf"))
+    # Top-k of the masked logits, not of probs: where exp underflows (logit gaps > ~100), reachable experts tie with
+    # unreachable ones at probability 0 and top-k could pick an unreachable expert.
+    top_index = torch.topk(masked + bias, top_k, dim=-1).indices
+    top_weights = F.softmax(logits.gather(-1, top_index), dim=-1)  # = probs of the chosen, renormalised
+    return F.softmax(masked, dim=-1), top_weights, top_index
+
+
 class AsyMoERouter(nn.Module):
-    """fp32 router over all experts of a layer with a per-token reachability mask (softmax → top-k → renormalise)."""
+    """fp32 router over all experts of a layer; each token reaches only its modality's experts (`select_experts`).
+
+    `e_score_correction_bias` [2, E] (row 0 for image tokens, row 1 for text tokens) balances expert loads without a
+    loss (DeepSeek-V3's auxiliary-loss-free balancing): while the router trains, every forward records which experts
+    it chose (`record_load`, padding excluded) and after each optimizer step the bias of every reachable expert moves
+    by `router_bias_update_rate` towards its modality's mean load. The bias is saved with the weights.
+    """
 
     def __init__(self, config: AsyMoETextConfig, layout: ExpertLayout):
         super().__init__()
+        self.layout = layout
         self.top_k = config.num_experts_per_tok
         self.num_experts = layout.num_experts
+        self.bias_update_rate = config.router_bias_update_rate
         self.weight = nn.Parameter(torch.zeros(layout.num_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(2, layout.num_experts, dtype=torch.float32))
+        self.pending_load: torch.Tensor | None = None  # [2, E] selections since the last optimizer step
+        self.creation_index = next(_ROUTER_COUNTER)  # the same on every rank: orders the loads' all-reduce
 
     def forward(
-        self, hidden_states: torch.Tensor, reachable: torch.Tensor
+        self, hidden_states: torch.Tensor, image_mask: torch.Tensor, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """hidden_states [N, H], reachable [N, E] bool -> router logits [N, E] (fp32), top-k weights, top-k ids."""
+        """hidden_states [N, H], image_mask [N] bool, token_mask [N] bool (non-padding; `None`: all) -> router
+        logits [N, E] (fp32), top-k weights [N, k], top-k expert ids [N, k]."""
         logits = F.linear(hidden_states.float(), self.weight.float())
-        masked = logits.masked_fill(~reachable, float("-inf"))
-        probs = F.softmax(masked, dim=-1)
-        # Top-k of the masked logits, not of probs: where exp underflows (logit gaps > ~100), reachable experts tie
-        # with unreachable ones at probability 0 and top-k could pick an unreachable expert.
-        top_index = torch.topk(masked, self.top_k, dim=-1).indices
-        top_weights = probs.gather(-1, top_index)
-        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        modality = (~image_mask).long()
+        reachable = reach_masks(self.layout, logits.device)[modality]
+        _, top_weights, top_index = select_experts(
+            logits, reachable, self.e_score_correction_bias[modality], self.top_k
+        )
+        if self.training and self.bias_update_rate and self.weight.requires_grad and torch.is_grad_enabled():
+            self.record_load(top_index, modality, token_mask)
         return logits, top_weights, top_index
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def record_load(self, top_index: torch.Tensor, modality: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        """Count this forward's choices (non-padding tokens) towards the loads of the running optimizer step. A
+        gradient-checkpointing recompute counts them twice, which leaves the sign rule's balance unchanged."""
+        counted = torch.ones_like(top_index, dtype=torch.float32)
+        if token_mask is not None:
+            counted = counted * token_mask.reshape(-1, 1).to(counted)
+        if self.pending_load is None:
+            self.pending_load = counted.new_zeros(2, self.num_experts)
+        self.pending_load.index_put_((modality.reshape(-1, 1).expand_as(top_index), top_index), counted, accumulate=True)
+        _watch_load(self)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """One balancing step from `load` [2, E]: per modality, the bias of each reachable expert rises by the update
+        rate when its load is below the mean load of those experts, falls when above."""
+        reach = reach_masks(self.layout, load.device)
+        for row in range(2):
+            counts = load[row][reach[row]]
+            if counts.sum() > 0:  # tokens of this modality were routed
+                step = self.bias_update_rate * torch.sign(counts.mean() - counts)
+                self.e_score_correction_bias[row, reach[row]] += step.to(self.e_score_correction_bias)
+
+
+_ROUTER_COUNTER = itertools.count()
+_ROUTERS_WITH_LOAD: weakref.WeakSet[AsyMoERouter] = weakref.WeakSet()
+_optimizer_hook = None
+
+
+def _watch_load(router: AsyMoERouter) -> None:
+    """Have the next optimizer step (any optimizer: the hook is global) update `router`'s bias."""
+    global _optimizer_hook
+    _ROUTERS_WITH_LOAD.add(router)
+    if _optimizer_hook is None:
+        _optimizer_hook = register_optimizer_step_post_hook(_update_router_biases)
+
+
+def _update_router_biases(optimizer, args, kwargs) -> None:
+    """After an optimizer step: update every router that recorded loads since the previous step. Under
+    `torch.distributed` the loads of all ranks are summed first (every rank steps, so every rank joins)."""
+    routers = sorted(_ROUTERS_WITH_LOAD, key=lambda router: router.creation_index)
+    _ROUTERS_WITH_LOAD.clear()
+    if not routers:
+        return
+    device = routers[0].pending_load.device
+    loads = torch.cat([router.pending_load.to(device).reshape(-1) for router in routers])  # layers differ in E
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(loads)
+    for router, load in zip(routers, loads.split([router.pending_load.numel() for router in routers])):
+        router.update_bias(load.view(2, -1).to(router.e_score_correction_bias.device))
+        router.pending_load = None
 
 
 class AsyMoEExpertsMixin:
@@ -437,28 +533,6 @@ class AsyMoESparseBlock(nn.Module):
         self.experts = AsyMoEExperts(config, layout)
         self.evidence = AsyMoEEvidenceReadout(config) if layout.num_evidence else None
 
-    def reach_masks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """[E] bool masks of the experts image tokens and text tokens may route to.
-
-        Derived from the layout on each call (not kept as buffers, which meta-device loading leaves uninitialised).
-        """
-        ids = torch.arange(self.layout.num_experts, device=device)
-        groups = self.layout.group_slices()
-
-        def members(*names: str) -> torch.Tensor:
-            mask = torch.zeros_like(ids, dtype=torch.bool)
-            for name in names:
-                if name in groups:
-                    mask |= (ids >= groups[name].start) & (ids < groups[name].stop)
-            return mask
-
-        return members("vision", "inter"), members("text", "inter", "evidence")
-
-    def reachable(self, image_mask: torch.Tensor) -> torch.Tensor:
-        """[N] bool image-token mask -> [N, E] bool experts each token may route to."""
-        image_reach, text_reach = self.reach_masks(image_mask.device)
-        return torch.where(image_mask.reshape(-1, 1), image_reach, text_reach)
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -467,10 +541,13 @@ class AsyMoESparseBlock(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         evidence_mask: torch.Tensor | None = None,
         past_length: int = 0,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`image_mask` and `token_mask` (non-padding, for the load balancing; `None`: all) are [batch, seq] bool."""
         batch, seq, hidden = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden)
-        _, top_weights, top_index = self.router(flat, self.reachable(image_mask))
+        token_mask = None if token_mask is None else token_mask.reshape(-1)
+        _, top_weights, top_index = self.router(flat, image_mask.reshape(-1), token_mask)
         evidence_states = None
         if self.evidence is not None:
             evidence_states = self.evidence(
@@ -494,6 +571,7 @@ class AsyMoEDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         image_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
         evidence_mask: torch.Tensor | None = None,
         past_length: int = 0,
         cache: Cache | None = None,
@@ -512,7 +590,9 @@ class AsyMoEDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + attn_output
         normed = self.post_attention_layernorm(hidden_states)
         if isinstance(self.mlp, AsyMoESparseBlock):
-            mlp_output = self.mlp(normed, image_mask, key_value, position_embeddings, evidence_mask, past_length)
+            mlp_output = self.mlp(
+                normed, image_mask, key_value, position_embeddings, evidence_mask, past_length, token_mask
+            )
         else:
             mlp_output = self.mlp(normed)
         return hidden_states + mlp_output
@@ -554,6 +634,7 @@ class AsyMoEPreTrainedModel(PreTrainedModel):
                 init.constant_(module.raw_curvature, math.log(math.expm1(config.curvature)))  # softplus^-1
         elif isinstance(module, AsyMoERouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, AsyMoEModel) and module.image_newline is not None:
             init.normal_(module.image_newline, mean=0.0, std=config.hidden_size**-0.5)
         elif isinstance(module, nn.Linear) and getattr(module, "_asymoe_zero_init", False):
@@ -613,6 +694,7 @@ class AsyMoETextModel(AsyMoEPreTrainedModel):
             position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_length).unsqueeze(0)
         if image_mask is None:
             image_mask = torch.zeros(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
+        token_mask = _current_token_mask(attention_mask, inputs_embeds)
         if self.config.evidence_layers:
             evidence_mask = _evidence_history(
                 cache, image_mask if evidence_mask is None else evidence_mask.bool(), past_length
@@ -634,6 +716,7 @@ class AsyMoETextModel(AsyMoEPreTrainedModel):
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 image_mask=image_mask,
+                token_mask=token_mask,
                 evidence_mask=evidence_mask,
                 past_length=past_length,
                 position_ids=position_ids,
@@ -1117,24 +1200,28 @@ def router_losses(
     """Switch load-balancing loss per modality over its reachable experts, and the router z-loss.
 
     Per layer and modality m with reachable experts R_m and (non-padding) tokens T_m:
-    `|R_m| * sum_e f_e * P_e`, f_e the fraction of T_m's top-k slots sent to e, P_e the mean routing probability.
-    Both losses are averaged over the (layer, modality) pairs that have tokens; 1.0 is perfect balance.
+    `|R_m| * sum_e f_e * P_e`, f_e the fraction of T_m's top-k slots sent to e (chosen as the router chooses,
+    `select_experts`), P_e the mean routing probability. Both losses are averaged over the (layer, modality) pairs
+    that have tokens; 1.0 is perfect balance.
     """
     image_mask, valid = image_mask.reshape(-1), valid.reshape(-1)
+    modality = (~image_mask).long()
     balance_terms, z_terms = [], []
     for logits, block in zip(router_logits, blocks):
-        logits = logits.float()
-        top_k = block.router.top_k
-        for is_image, reach in zip((True, False), block.reach_masks(logits.device)):
-            tokens = valid & (image_mask == is_image)
+        logits, router = logits.float(), block.router
+        reach = reach_masks(block.layout, logits.device)
+        probs, _, chosen = select_experts(
+            logits, reach[modality], router.e_score_correction_bias.to(logits.device)[modality], router.top_k
+        )
+        slots = F.one_hot(chosen, logits.shape[-1]).float().sum(dim=1) / router.top_k  # [N, E], rows sum to 1
+        for row in range(2):
+            tokens = valid & (modality == row)
             if not bool(tokens.any()):
                 continue
-            masked = logits[tokens][:, reach]
-            probs = F.softmax(masked, dim=-1)
-            chosen = torch.topk(probs, top_k, dim=-1).indices
-            fraction = F.one_hot(chosen, masked.shape[-1]).float().sum(dim=1).mean(dim=0) / top_k
-            balance_terms.append(masked.shape[-1] * (fraction * probs.mean(dim=0)).sum())
-            z_terms.append(torch.logsumexp(masked, dim=-1).pow(2).mean())
+            experts = reach[row]
+            fraction = slots[tokens][:, experts].mean(dim=0)
+            balance_terms.append(int(experts.sum()) * (fraction * probs[tokens][:, experts].mean(dim=0)).sum())
+            z_terms.append(torch.logsumexp(logits[tokens][:, experts], dim=-1).pow(2).mean())
     if not balance_terms:
         zero = router_logits[0].new_zeros(())
         return zero, zero
@@ -1146,5 +1233,7 @@ __all__ = [
     "AsyMoEModel",
     "AsyMoEPreTrainedModel",
     "AsyMoETextModel",
+    "reach_masks",
     "router_losses",
+    "select_experts",
 ]
