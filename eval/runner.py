@@ -90,7 +90,8 @@ def evaluate_model(model, processor, tasks: list[str], data: dict[str, str] | No
                    batch_size: int = 8, max_new_tokens: int = 16, output_dir: str | os.PathLike | None = None,
                    progress: bool = True) -> dict:
     """Run `tasks` (names or groups) and score them; with `output_dir`, write results.json, results.md and one
-    `<task>.predictions.jsonl` per task (atomically). Returns {task: {"metrics": ..., "n": ...}}.
+    `<task>.predictions.jsonl` per task (atomically). Returns {task: {"metrics": ..., "n": ..., "scoring": ...}},
+    scoring naming the reference evaluator the task's metric followed (docs/evaluation.md).
 
     The first batch is also decoded without the KV cache: a model whose cached generation is wrong under the
     installed transformers stops the run (`CachedGenerationMismatch`) instead of producing a wrong table."""
@@ -101,7 +102,7 @@ def evaluate_model(model, processor, tasks: list[str], data: dict[str, str] | No
         rows = list(load_rows(task, data.get(task.data_key or task.name), limit))
         predictions = generate_answers(model, processor, task, rows, batch_size, max_new_tokens, progress,
                                        check_cache=index == 0)
-        results[task.name] = {"metrics": score(task, predictions, rows), "n": len(rows)}
+        results[task.name] = {"metrics": score(task, predictions, rows), "n": len(rows), "scoring": task.scoring}
         if output_dir is not None:
             lines = [json.dumps({"prompt": task.prompt(r), "prediction": p, "reference": task.reference(r)},
                                 default=str) for r, p in zip(rows, predictions)]
