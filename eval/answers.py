@@ -173,10 +173,10 @@ _API_FAILURE = "Failed to obtain answer via API"  # the matcher's sentinel for a
 
 
 def _mmbench_option_letter(prediction: str) -> str | None:
-    words = prediction.split()
-    bare = [letter for letter in _MMBENCH_LETTERS if letter in words]
     if _API_FAILURE in prediction:
         return None
+    words = prediction.split()
+    bare = [letter for letter in _MMBENCH_LETTERS if letter in words]
     if len(bare) == 1 and not (bare[0] == "A" and len(words) > 3):  # "A" in a longer answer may be the article
         return bare[0]
     for prefix, suffix in _MMBENCH_AFFIXES:

@@ -35,12 +35,15 @@ booktitle={CVPR}, year={2017}}"""
 
 def question_accuracy(prediction: str, answers: list[str], scoring: str = "llava-1.5") -> float:
     """Leave-one-out accuracy of one prediction against its annotators' answers (see the description)."""
-    if scoring in ("m4c", "lmms-eval"):
-        read = evalai_answer if scoring == "m4c" else lambda answer: normalize_answer(answer, comma_runs=True)
-        prediction, answers = read(prediction), [read(answer) for answer in answers]
-    else:
-        prediction, answers = official_vqa_answers(
-            evalai_answer(prediction) if scoring == "llava-1.5" else prediction, answers)
+    if scoring == "m4c":  # the EvalAI processor on both sides
+        prediction, answers = evalai_answer(prediction), [evalai_answer(answer) for answer in answers]
+    elif scoring == "lmms-eval":  # the official normalisation on both sides, always
+        prediction = normalize_answer(prediction, comma_runs=True)
+        answers = [normalize_answer(answer, comma_runs=True) for answer in answers]
+    else:  # the official evaluation, of the raw prediction or of the one LLaVA-1.5's upload processed
+        if scoring == "llava-1.5":
+            prediction = evalai_answer(prediction)
+        prediction, answers = official_vqa_answers(prediction, answers)
     matches = answers.count(prediction)
     return sum(min(1.0, (matches - (answer == prediction)) / 3) for answer in answers) / len(answers)
 
