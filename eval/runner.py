@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_text
+from .generation import decode_answers, generate_tokens
 from .tasks import TASKS, Task, load_rows, resolve_tasks, score
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,30 +60,14 @@ def generate_answers(model, processor, task: Task, rows: list[dict], batch_size:
                      max_new_tokens: int = 16, progress: bool = True, check_cache: bool = False) -> list[str]:
     """Greedy answers to the task's prompts, batched with left padding; only the new tokens, decoded and stripped.
     With `check_cache`, the first batch is also decoded without the KV cache (`check_cached_generation`)."""
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError(f"{type(processor).__name__} has no tokenizer: evaluation needs a multimodal processor "
-                         "(image processor + tokenizer + chat template).")
-    tokenizer.padding_side = "left"
-    if getattr(processor, "chat_template", None) is None:
-        raise ValueError("the processor has no chat template: save one with the processor (chat_template.jinja).")
-    device = next(model.parameters()).device
     answers = []
     for start in tqdm(range(0, len(rows), batch_size), desc=task.name, disable=not progress, unit="batch"):
         batch = rows[start:start + batch_size]
-        prompts = [processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": task.prompt(row)}]}],
-            add_generation_prompt=True) for row in batch]
-        images = [task.images(row) for row in batch]
-        inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
+        inputs, output = generate_tokens(model, processor, [task.prompt(row) for row in batch],
+                                         [task.images(row) for row in batch], max_new_tokens)
         if check_cache and start == 0:
-            check_cached_generation(model, inputs, output, max_new_tokens, tokenizer.pad_token_id)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            check_cached_generation(model, inputs, output, max_new_tokens, processor.tokenizer.pad_token_id)
+        answers += decode_answers(processor, inputs, output)
     return answers
 
 
@@ -90,7 +75,8 @@ def evaluate_model(model, processor, tasks: list[str], data: dict[str, str] | No
                    batch_size: int = 8, max_new_tokens: int = 16, output_dir: str | os.PathLike | None = None,
                    progress: bool = True) -> dict:
     """Run `tasks` (names or groups) and score them; with `output_dir`, write results.json, results.md and one
-    `<task>.predictions.jsonl` per task (atomically). Returns {task: {"metrics": ..., "n": ...}}.
+    `<task>.predictions.jsonl` per task (atomically). Returns {task: {"metrics": ..., "n": ..., "scoring": ...}},
+    scoring naming the reference evaluator the task's metric followed (docs/evaluation.md).
 
     The first batch is also decoded without the KV cache: a model whose cached generation is wrong under the
     installed transformers stops the run (`CachedGenerationMismatch`) instead of producing a wrong table."""
@@ -101,7 +87,7 @@ def evaluate_model(model, processor, tasks: list[str], data: dict[str, str] | No
         rows = list(load_rows(task, data.get(task.data_key or task.name), limit))
         predictions = generate_answers(model, processor, task, rows, batch_size, max_new_tokens, progress,
                                        check_cache=index == 0)
-        results[task.name] = {"metrics": score(task, predictions, rows), "n": len(rows)}
+        results[task.name] = {"metrics": score(task, predictions, rows), "n": len(rows), "scoring": task.scoring}
         if output_dir is not None:
             lines = [json.dumps({"prompt": task.prompt(r), "prediction": p, "reference": task.reference(r)},
                                 default=str) for r, p in zip(rows, predictions)]

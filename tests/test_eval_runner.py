@@ -51,6 +51,7 @@ def test_every_task_runs_offline(setup, model):
     assert set(record["results"]) == set(TASKS)
     for name, entry in record["results"].items():
         assert entry["n"] == min(4, len(ROWS.get(name, [None] * 8)))
+        assert entry["scoring"] == TASKS[name].scoring  # the reference evaluator followed
         lines = (output / f"{name}.predictions.jsonl").read_text().splitlines()
         assert len(lines) == entry["n"]
         top = 800 if name == "mme" else 1  # MME: points (perception sums up to 10 subtasks of 200)
@@ -63,20 +64,20 @@ CRAFTED = {
     # Q1 all 10 said red: 1. Q2 "two" -> "2": 4 of 10 said 2 -> leave-one-out: 4 subsets without a "2" keep 3
     # matches (1), ... all 10 subsets keep >= 3 matches -> 1. Mean 1.0. Then a wrong answer to Q2 -> 0.5.
     "vqav2": (["Red.", "two"], {"vqa_accuracy": 1.0}),
-    "gqa": (["Yes", "red"], {"exact_match": 0.5}),
+    "gqa": (["Yes.", "red"], {"accuracy": 0.5}),  # LLaVA's cleaning: "Yes." -> "yes"
     # Q2: "acme" said by 3 of 10 -> each subset leaving one "acme" out keeps 2 (2/3, 3 times), others 3 (1, 7
     # times): (3 * 2/3 + 7) / 10 = 0.9. Q1 wrong: 0. Mean 0.45.
     "textvqa": (["go", "acme"], {"vqa_accuracy": 0.45}),
     "vizwiz": (["Unanswerable", "green"], {"vqa_accuracy": 1.0}),
-    "scienceqa_img": (["A", "grass"], {"accuracy": 0.5}),  # "grass" is option C, the answer is B
+    "scienceqa_img": (["A", "The answer is B"], {"accuracy": 0.5}),  # LLaVA's reading needs "The answer is B."
     # said yes, yes | truth yes, no -> tp 1, fp 1: acc .5, precision .5, recall 1, f1 2/3, yes ratio 1.
     "pope": (["Yes", "yes, there is"], {"accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": 2 / 3,
                                          "yes_ratio": 1.0}),
     # color: both right -> 200; OCR: one right -> acc .5, acc+ 0 -> 50. perception 250.
     "mme": (["Yes", "No", "Yes", "Yes"], {"color/score": 200.0, "OCR/score": 50.0, "perception": 250.0}),
-    # Rows: q0 right (A), q1 wrong (B, answer C), q0 shifted right (B): accuracy 2/3; circular: q0 all right,
-    # q1 not -> 1/2.
-    "mmbench": (["A", "The answer is B", "B"], {"accuracy": 2 / 3, "circular_accuracy": 0.5}),
+    # Rows: q0 right (A), q1 wrong (B, answer C), q0 shifted right (B): circular accuracy over the main rows, q0
+    # right in both rows, q1 not -> 1/2.
+    "mmbench": (["A", "The answer is B", "B"], {"accuracy": 0.5}),
 }
 
 
