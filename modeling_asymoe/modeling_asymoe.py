@@ -46,7 +46,7 @@ from ..configuration.configuration_asymoe import (
     anyres_layout,
     write_remote_code,
 )
-from .hyperbolic_asymoe import mobius_bias
+from .hyperbolic_asymoe import mobius_bias_
 
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (in `generate`'s calls to `forward`, in output
 # fields, in the mask helpers and in the gradient-checkpointing guard). Every forward here accepts both names; calls
@@ -351,34 +351,45 @@ class AsyMoEExpertsMixin:
         is_evidence = (expert_ids >= self.evidence_start).unsqueeze(-1)
         return torch.where(is_evidence, evidence_states[token_idx].to(rows.dtype), rows)
 
-    def hyperbolic(self, out: torch.Tensor, expert_ids: torch.Tensor, which: str) -> torch.Tensor:
-        """Apply the Möbius bias of projection `which` ("gate_up" or "down") to the rows of inter experts; the other
-        rows come back unchanged."""
-        if not self.is_hyperbolic:
-            return out
-        relative = expert_ids - self.inter_start
-        is_inter = (relative >= 0) & (relative < self.layout.num_inter)
+    def hyperbolic_(self, out: torch.Tensor, expert_ids: torch.Tensor, which: str, inter_rows: slice | None) -> None:
+        """Apply the Möbius bias of projection `which` ("gate_up" or "down") in place to the rows of inter experts:
+        `out[start:stop]` where the caller knows them (rows sorted by expert, eager), else every row, with the
+        identity for the other groups (no host sync: compiled graphs, unsorted rows)."""
+        if not self.is_hyperbolic or (inter_rows is not None and inter_rows.start == inter_rows.stop):
+            return
+        if inter_rows is None:
+            inter_rows, relative = slice(None), expert_ids - self.inter_start
+            index = torch.where((relative >= 0) & (relative < self.layout.num_inter), relative, -1)
+        else:
+            index = expert_ids[inter_rows] - self.inter_start
         beta = self.mobius_bias_gate_up if which == "gate_up" else self.mobius_bias_down
         scale = (self.log_scale_gate_up if which == "gate_up" else self.log_scale_down).exp()
-        index = torch.where(is_inter, relative, -1)
-        return mobius_bias(out, beta, scale, self.curvature, self.config.manifold, self.config.mobius_residual, index)
+        config = self.config
+        mobius_bias_(out, beta, scale, self.curvature, config.manifold, config.mobius_residual, index, inter_rows)
 
     @property
     def curvature(self) -> torch.Tensor:
         return F.softplus(self.raw_curvature.float())
 
-    def expert_ffn(self, rows: torch.Tensor, expert_ids: torch.Tensor, linear: Callable) -> torch.Tensor:
-        """SwiGLU of every row by its expert; `linear(x, weight_name)` does the (grouped) projections."""
-        gate_up = self.hyperbolic(linear(rows, "gate_up_proj"), expert_ids, "gate_up")
+    def expert_ffn(
+        self, rows: torch.Tensor, expert_ids: torch.Tensor, linear: Callable, inter_rows: slice | None = None
+    ) -> torch.Tensor:
+        """SwiGLU of every row by its expert; `linear(x, weight_name)` does the (grouped) projections; `inter_rows`
+        (see `hyperbolic_`) locates the rows of inter experts."""
+        gate_up = linear(rows, "gate_up_proj")
+        self.hyperbolic_(gate_up, expert_ids, "gate_up", inter_rows)
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.hyperbolic(linear(self.act_fn(gate) * up, "down_proj"), expert_ids, "down")
+        down = linear(self.act_fn(gate) * up, "down_proj")
+        self.hyperbolic_(down, expert_ids, "down", inter_rows)
+        return down
 
 
 def asymoe_grouped_mm_experts_forward(
     self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     evidence_states: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One grouped GEMM per projection over all expert groups (rows sorted by expert, dropless)."""
+    """One grouped GEMM per projection over all expert groups (rows sorted by expert, dropless). Eager, the Möbius
+    maps run on the inter experts' rows only (their bounds read on the host); compiled, on every row (no sync)."""
     num_tokens, top_k = top_k_index.shape
     expert_ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
     token_idx = perm // top_k
@@ -386,11 +397,16 @@ def asymoe_grouped_mm_experts_forward(
     counts_input = expert_ids.float() if expert_ids.device.type in ("cpu", "mps") else expert_ids.int()
     counts = torch.histc(counts_input, bins=self.num_experts, min=0, max=self.num_experts - 1)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    inter_rows = None
+    if self.is_hyperbolic and not torch.compiler.is_compiling():
+        starts = [0, *offsets.tolist()]
+        inter_rows = slice(starts[self.inter_start], starts[self.evidence_start])
 
     def linear(x, name):
         return _grouped_linear(x, getattr(self, name), offsets)
 
-    out = self.expert_ffn(rows, expert_ids, linear) * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(rows.dtype)
+    out = self.expert_ffn(rows, expert_ids, linear, inter_rows)
+    out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(rows.dtype)
     unsorted = torch.empty_like(out)
     unsorted[perm] = out
     return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
@@ -466,7 +482,9 @@ class AsyMoEExperts(AsyMoEExpertsMixin, nn.Module):
             def linear(x, name, expert=expert):
                 return F.linear(x, getattr(self, name)[expert])
 
-            out = self.expert_ffn(rows, expert_ids, linear) * top_k_weights[token_idx, slot, None].to(rows.dtype)
+            inter_rows = slice(0, len(rows) if self.inter_start <= expert < self.evidence_start else 0)
+            out = self.expert_ffn(rows, expert_ids, linear, inter_rows)
+            out = out * top_k_weights[token_idx, slot, None].to(rows.dtype)
             output.index_add_(0, token_idx, out.float())
         return output.to(hidden_states.dtype)
 

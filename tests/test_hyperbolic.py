@@ -15,6 +15,7 @@ from asymoe.modeling.hyperbolic_asymoe import (
     lorentz_logmap0,
     mobius_add,
     mobius_bias,
+    mobius_bias_,
     mobius_bias_reference,
     mobius_translate,
     poincare_expmap0,
@@ -273,8 +274,9 @@ def test_fast_mobius_bias_equals_reference(manifold, residual):
     """Values and gradients (u, bias table, scale, curvature) of the fp32 span form agree with the composed maps in
     fp64 below the clamp, with a table of biases (one of them zero) chosen per row and rows left out (index -1:
     returned unchanged, identity gradient); the scalar parameters' gradients sum hundreds of rounding differences
-    amplified near the ball's edge: 1e-3 relative. Beyond the Poincaré clamp, where artanh at the ball's edge amplifies
-    1-ulp differences ~5e4-fold, both in fp32 to 5e-3."""
+    amplified near the ball's edge: 3e-3 relative (the composed maps in fp32 are 1.9e-3 and 3.2e-3 off on the
+    Poincaré curvature here). Beyond the Poincaré clamp, where artanh at the ball's edge amplifies 1-ulp differences
+    ~5e4-fold, both in fp32 to 5e-3."""
     scale, c = torch.tensor(1.7), torch.tensor(0.8)
     below = tangents(torch.linspace(0.0, 3.0, 24) * scale / c.sqrt(), seed=0)
     table = torch.cat([torch.zeros(1, DIM), tangents(torch.linspace(0.01, 1.0, 4), seed=1)])
@@ -286,7 +288,7 @@ def test_fast_mobius_bias_equals_reference(manifold, residual):
         (out * torch.linspace(-1.0, 1.0, DIM, dtype=dtype)).sum().backward()
         grads.append((out.detach().float(), *(leaf.grad.float() for leaf in leaves)))
     for name, fast, reference in zip(("out", "u", "beta", "scale", "curvature"), grads[1], grads[0]):
-        rtol = 1e-3 if name in ("scale", "curvature") else 1e-4
+        rtol = 3e-3 if name in ("scale", "curvature") else 1e-4
         torch.testing.assert_close(fast, reference, rtol=rtol, atol=1e-4, msg=name)
     assert torch.equal(grads[1][0][index < 0], below[index < 0])
 
@@ -298,9 +300,10 @@ def test_fast_mobius_bias_equals_reference(manifold, residual):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("manifold", MANIFOLDS)
-def test_mobius_bias_keeps_only_its_input_for_backward(manifold, dtype):
-    """The bias table is read through [rows, n] products, never gathered per row: of the tensors autograd saves for
-    the backward, the only full-width one is u itself (for bf16 u too: not its fp32 copy)."""
+def test_mobius_bias_keeps_only_its_output_for_backward(manifold, dtype):
+    """The map runs in place and recovers its input from its output in the backward: of the tensors autograd saves,
+    the only full-width one is the output itself, in u's dtype (which the next op of an expert keeps anyway), never
+    u or a wider copy; the bias table is read through [rows, n] products, never gathered per row."""
     rows, n = 64, 3
     u = (torch.randn(rows, DIM) * 2.0).to(dtype).requires_grad_()
     table = (torch.randn(n, DIM) * 0.1).requires_grad_()
@@ -314,7 +317,31 @@ def test_mobius_bias_keeps_only_its_input_for_backward(manifold, dtype):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         out = mobius_bias(u, table, torch.tensor([1.5]), torch.tensor([0.8]), manifold, True, index)
-    assert full_width and all(t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() for t in full_width)
+    assert full_width and all(t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for t in full_width)
+    assert all(t.dtype == dtype for t in full_width)
     out.float().sum().backward()
     assert u.grad.dtype == dtype and torch.isfinite(u.grad.float()).all()
     assert torch.isfinite(table.grad).all() and table.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+def test_in_place_map_on_rows_of_a_projection(manifold):
+    """`mobius_bias_` on a slice of a projection's output (the model's inter rows) gives the values and gradients of
+    the out-of-place map spliced into the same rows."""
+    x, weight = torch.randn(12, DIM, requires_grad=True), torch.randn(DIM, DIM) * 0.5
+    table = (torch.randn(2, DIM) * 0.3).requires_grad_()
+    scale, c = torch.tensor([1.5], requires_grad=True), torch.tensor([0.8], requires_grad=True)
+    index, probe = torch.tensor([0, 1, 1, 0, 1]), torch.randn(12, DIM)
+    results = []
+    for in_place in (True, False):
+        for leaf in (x, table, scale, c):
+            leaf.grad = None
+        out = x @ weight
+        if in_place:
+            mobius_bias_(out[4:9], table, scale, c, manifold, True, index)
+        else:
+            out = torch.cat([out[:4], mobius_bias(out[4:9], table, scale, c, manifold, True, index), out[9:]])
+        (out * probe).sum().backward()
+        results.append([out.detach(), *(leaf.grad.clone() for leaf in (x, table, scale, c))])
+    for name, actual, expected in zip(("out", "x", "beta", "scale", "curvature"), *results):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=name)
