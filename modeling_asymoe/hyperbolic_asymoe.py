@@ -8,8 +8,6 @@ composed as written (`mobius_bias_reference`) define it. This file is part of th
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 # Largest geodesic radius sqrt(c)*|v| kept by the maps. Poincaré: tanh saturates in fp32 beyond ~9, and the ball is
@@ -135,11 +133,131 @@ def _clamped_norm(squared: torch.Tensor) -> torch.Tensor:
     return squared.clamp_min(_MIN_NORM**2).sqrt()
 
 
-def _map_coefficients(
-    uu: torch.Tensor, ub: torch.Tensor, bb: torch.Tensor, scale: torch.Tensor, c: torch.Tensor, manifold: str,
-    residual: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with Möbius map output = A·u + B·beta, from the row scalars |u|², <u, beta> and |beta|².
+def _clamped_norm_slope(squared: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """d `_clamped_norm(squared)` / d squared, given that norm."""
+    return (squared >= _MIN_NORM**2) / (2 * norm)
+
+
+def _poincare_span(uu, ub, bb, sqrt_c, c, residual, grads):
+    """Poincaré case of `_map_coefficients` (x = u/s given by uu = |x|², ub = <x, beta>); see there."""
+    nu, nb = _clamped_norm(uu), _clamped_norm(bb)
+    rx, ry = sqrt_c * nu, sqrt_c * nb
+    # exp0 then the ball projection: |exp0(v)| = min(tanh(sqrt(c)|v|), 1 - BALL_EPS) / sqrt(c).
+    hx, hy = torch.tanh(rx.clamp_max(POINCARE_MAX_RADIUS)), torch.tanh(ry.clamp_max(POINCARE_MAX_RADIUS))
+    ax, ay = hx.clamp_max(1.0 - BALL_EPS) / rx, hy.clamp_max(1.0 - BALL_EPS) / ry
+    x2, y2, xy = c * (ax * ax * uu), c * (ay * ay * bb), c * (ax * ay * ub)  # c|x|², c|y|², c<x, y>
+    # Möbius addition x ⊕ y = (P x + Q y) / denominator, of squared norm c|x ⊕ y|² = (x2 + 2 xy + y2) / denominator;
+    # then the projection and log0 (artanh), which rescale it by log_scale · denominator.
+    raw_denominator = 1 + 2 * xy + x2 * y2
+    denominator = raw_denominator.clamp_min(_MIN_NORM)
+    w = (x2 + 2 * xy + y2) / denominator
+    z = _clamped_norm(w)
+    zc = z.clamp_max(1.0 - BALL_EPS)
+    log_scale = torch.atanh(zc) / (z * denominator)
+    p, q = 1 + 2 * xy + y2, 1 - x2
+    a, b = log_scale * p * ax, log_scale * q * ay
+    if residual:  # beta's terms dropped: denominator = 1, z² = x2 (so a - round_trip is exactly 0 at beta = 0)
+        zr = _clamped_norm(x2)
+        zrc = zr.clamp_max(1.0 - BALL_EPS)
+        g = torch.atanh(zrc) / zr
+        a = 1 + (a - g * ax)
+    if grads is None:
+        return a, b, None
+    a_bar, b_bar = grads
+    # Reverse mode through the steps above (clamps pass gradient where the value is within bounds, as in autograd).
+    log_bar = a_bar * p * ax + b_bar * q * ay
+    p_bar, q_bar = a_bar * log_scale * ax, b_bar * log_scale * ay
+    ax_bar, ay_bar = a_bar * log_scale * p, b_bar * log_scale * q
+    xy_bar, y2_bar, x2_bar = 2 * p_bar, p_bar, -q_bar
+    if residual:
+        g_bar = -a_bar * ax
+        ax_bar = ax_bar - a_bar * g
+        zr_bar = g_bar * ((zr <= 1.0 - BALL_EPS) / ((1 - zrc * zrc) * zr) - g / zr)
+        x2_bar = x2_bar + zr_bar * _clamped_norm_slope(x2, zr)
+    z_bar = log_bar * ((z <= 1.0 - BALL_EPS) / ((1 - zc * zc) * z * denominator) - log_scale / z)
+    w_bar = z_bar * _clamped_norm_slope(w, z)
+    denominator_bar = ((raw_denominator >= _MIN_NORM) * -(log_bar * log_scale + w_bar * w)) / denominator
+    n_bar = w_bar / denominator
+    x2_bar = x2_bar + n_bar + denominator_bar * y2
+    y2_bar = y2_bar + n_bar + denominator_bar * x2
+    xy_bar = xy_bar + 2 * (n_bar + denominator_bar)
+    c_bar = x2_bar * (ax * ax * uu) + y2_bar * (ay * ay * bb) + xy_bar * (ax * ay * ub)
+    ax_bar = ax_bar + c * (2 * ax * uu * x2_bar + ay * ub * xy_bar)
+    ay_bar = ay_bar + c * (2 * ay * bb * y2_bar + ax * ub * xy_bar)
+    uu_bar, bb_bar, ub_bar = c * ax * ax * x2_bar, c * ay * ay * y2_bar, c * ax * ay * xy_bar
+    # a_ = min(tanh(min(r, R)), 1 - eps) / r with r = sqrt(c)·n
+    rx_bar = ax_bar * (((hx <= 1.0 - BALL_EPS) & (rx <= POINCARE_MAX_RADIUS)) * (1 - hx * hx) - ax) / rx
+    ry_bar = ay_bar * (((hy <= 1.0 - BALL_EPS) & (ry <= POINCARE_MAX_RADIUS)) * (1 - hy * hy) - ay) / ry
+    uu_bar = uu_bar + rx_bar * sqrt_c * _clamped_norm_slope(uu, nu)
+    bb_bar = bb_bar + ry_bar * sqrt_c * _clamped_norm_slope(bb, nb)
+    sqrt_c_bar = rx_bar * nu + ry_bar * nb
+    return a, b, (uu_bar, ub_bar, bb_bar, sqrt_c_bar, c_bar)
+
+
+def _lorentz_span(uu, ub, bb, sqrt_c, c, residual, grads):
+    """Lorentz case of `_map_coefficients` (x = u/s given by uu = |x|², ub = <x, beta>); see there."""
+    nu, nb = _clamped_norm(uu), _clamped_norm(bb)
+    rx, ry = (sqrt_c * nu).clamp_max(LORENTZ_MAX_RADIUS), (sqrt_c * nb).clamp_max(LORENTZ_MAX_RADIUS)
+    # exp0 on the unit sheet (spatial part sinh(sqrt(c)|v|) v/|v|), the boost by exp0(beta), then log0 (arsinh).
+    ax, ab = torch.sinh(rx) / nu, torch.sinh(ry) / nb
+    x_sq = ax * ax * uu
+    x0, b0 = (1 + x_sq).sqrt(), (1 + ab * ab * bb).sqrt()
+    k = ax * ab * ub / (1 + b0)
+    bc = (x0 + k) * ab
+    raw_sq = x_sq + 2 * ax * bc * ub + bc * bc * bb
+    nz = _clamped_norm(raw_sq.clamp_min(0.0))
+    log_scale = torch.asinh(nz) / (sqrt_c * nz)
+    a, b = log_scale * ax, log_scale * bc
+    if residual:  # beta's terms dropped: |boosted|² = x_sq (so a - round_trip is exactly 0 at beta = 0)
+        nzr = _clamped_norm(x_sq.clamp_min(0.0))
+        g = torch.asinh(nzr) / (sqrt_c * nzr)
+        a = 1 + (a - g * ax)
+    if grads is None:
+        return a, b, None
+    a_bar, b_bar = grads
+    log_bar = a_bar * ax + b_bar * bc
+    ax_bar, bc_bar = a_bar * log_scale, b_bar * log_scale
+    x_sq_bar = torch.zeros_like(x_sq)
+    sqrt_c_bar = -(log_bar * log_scale) / sqrt_c
+    if residual:
+        g_bar = -a_bar * ax
+        ax_bar = ax_bar - a_bar * g
+        nzr_bar = g_bar * (1 / ((1 + nzr * nzr).sqrt() * sqrt_c * nzr) - g / nzr)
+        sqrt_c_bar = sqrt_c_bar - g_bar * g / sqrt_c
+        x_sq_bar = (x_sq >= 0) * nzr_bar * _clamped_norm_slope(x_sq.clamp_min(0.0), nzr)
+    nz_bar = log_bar * (1 / ((1 + nz * nz).sqrt() * sqrt_c * nz) - log_scale / nz)
+    sq_bar = (raw_sq >= 0) * nz_bar * _clamped_norm_slope(raw_sq.clamp_min(0.0), nz)
+    x_sq_bar = x_sq_bar + sq_bar
+    ax_bar = ax_bar + sq_bar * 2 * bc * ub
+    bc_bar = bc_bar + sq_bar * 2 * (ax * ub + bc * bb)
+    ub_bar, bb_bar = sq_bar * 2 * ax * bc, sq_bar * bc * bc
+    k_bar = bc_bar * ab  # bc = (x0 + k)·ab
+    x_sq_bar = x_sq_bar + k_bar / (2 * x0)  # x0 = sqrt(1 + x_sq), d bc / d x0 = ab = d bc / d k
+    ab_bar = bc_bar * (x0 + k) + k_bar * ax * ub / (1 + b0)
+    ax_bar = ax_bar + k_bar * ab * ub / (1 + b0)
+    ub_bar = ub_bar + k_bar * ax * ab / (1 + b0)
+    b0_bar = -k_bar * k / (1 + b0)
+    ab_bar = ab_bar + b0_bar * ab * bb / b0
+    bb_bar = bb_bar + b0_bar * ab * ab / (2 * b0)
+    ax_bar = ax_bar + x_sq_bar * 2 * ax * uu
+    uu_bar = x_sq_bar * ax * ax
+    # a_ = sinh(min(sqrt(c)·n, R)) / n
+    rx_bar = (sqrt_c * nu <= LORENTZ_MAX_RADIUS) * ax_bar * torch.cosh(rx) / nu
+    ry_bar = (sqrt_c * nb <= LORENTZ_MAX_RADIUS) * ab_bar * torch.cosh(ry) / nb
+    nu_bar, nb_bar = rx_bar * sqrt_c - ax_bar * ax / nu, ry_bar * sqrt_c - ab_bar * ab / nb
+    uu_bar = uu_bar + nu_bar * _clamped_norm_slope(uu, nu)
+    bb_bar = bb_bar + nb_bar * _clamped_norm_slope(bb, nb)
+    sqrt_c_bar = sqrt_c_bar + rx_bar * nu + ry_bar * nb
+    return a, b, (uu_bar, ub_bar, bb_bar, sqrt_c_bar, torch.zeros_like(uu))
+
+
+_SPANS = {"poincare": _poincare_span, "lorentz": _lorentz_span}
+
+
+def _map_coefficients(uu, ub, bb, scale, c, manifold, residual, grads=None):
+    """(A, B) with Möbius map output = A·u + B·beta, from the row scalars uu = |u|², ub = <u, beta> and bb = |beta|²
+    ([rows, 1] each); with `grads` = (dL/dA, dL/dB), also (dL/duu, dL/dub, dL/dbb, dL/dscale, dL/dc), written out by
+    hand (autograd over these few-element tensors costs several times more per op).
 
     Every map is radial (exp0, log0 and the ball projection rescale their input), and Möbius addition and the Lorentz
     boost combine their two inputs linearly, so log0(exp0(x) ⊕ exp0(beta)) = a·x + b·beta with per-row scalars a, b
@@ -147,45 +265,26 @@ def _map_coefficients(
     A = 1 + (a - a_rt) with a_rt the round trip's log0(exp0(x)) = a_rt·x, computed by the translation's own steps with
     beta's terms (exactly 0 at beta = 0) left out, so that A is exactly 1 (and the map exactly u) at beta = 0.
     """
-    sqrt_c = c.sqrt()
-    uu, ub = uu / (scale * scale), ub / scale
-    nu, nb = _clamped_norm(uu), _clamped_norm(bb)
-    if manifold == "poincare":
-        # exp0 then the ball projection: |exp0(v)| = min(tanh(sqrt(c)|v|), 1 - BALL_EPS) / sqrt(c).
-        ax = torch.tanh((sqrt_c * nu).clamp_max(POINCARE_MAX_RADIUS)).clamp_max(1.0 - BALL_EPS) / (sqrt_c * nu)
-        ay = torch.tanh((sqrt_c * nb).clamp_max(POINCARE_MAX_RADIUS)).clamp_max(1.0 - BALL_EPS) / (sqrt_c * nb)
-        x2, y2, xy = c * (ax * ax * uu), c * (ay * ay * bb), c * (ax * ay * ub)  # c|x|², c|y|², c<x, y>
-        denominator = (1 + 2 * xy + x2 * y2).clamp_min(_MIN_NORM)
-        # Möbius addition: x ⊕ y = ((1 + 2c<x,y> + c|y|²) x + (1 - c|x|²) y) / denominator, of squared norm
-        # c|x ⊕ y|² = (c|x|² + 2c<x,y> + c|y|²) / denominator; then the projection and log0 (artanh).
-        z = _clamped_norm((x2 + 2 * xy + y2) / denominator)
-        scale_log = torch.atanh(z.clamp_max(1.0 - BALL_EPS)) / (z * denominator)
-        a, b = scale_log * (1 + 2 * xy + y2) * ax, scale_log * (1 - x2) * ay
-        if residual:  # beta's terms dropped: denominator = 1, z² = x2
-            z = _clamped_norm(x2)
-            round_trip = torch.atanh(z.clamp_max(1.0 - BALL_EPS)) / z * ax
-    elif manifold == "lorentz":
-        # exp0 on the unit sheet (spatial part sinh(sqrt(c)|v|) v/|v|), the boost by exp0(beta), then log0 (arsinh).
-        ax = torch.sinh((sqrt_c * nu).clamp_max(LORENTZ_MAX_RADIUS)) / nu
-        ab = torch.sinh((sqrt_c * nb).clamp_max(LORENTZ_MAX_RADIUS)) / nb
-        x_sq = ax * ax * uu
-        x0, b0 = (1 + x_sq).sqrt(), (1 + ab * ab * bb).sqrt()
-        b = (x0 + ax * ab * ub / (1 + b0)) * ab
-        nz = _clamped_norm((x_sq + 2 * ax * b * ub + b * b * bb).clamp_min(0.0))
-        scale_log = torch.asinh(nz) / (sqrt_c * nz)
-        a, b = scale_log * ax, scale_log * b
-        if residual:  # beta's terms dropped: |boosted|² = x_sq
-            nz = _clamped_norm(x_sq.clamp_min(0.0))
-            round_trip = torch.asinh(nz) / (sqrt_c * nz) * ax
-    else:
+    if manifold not in _SPANS:
         raise ValueError(f"unknown manifold {manifold!r}; use 'poincare' or 'lorentz'")
-    return (1 + (a - round_trip) if residual else a), scale * b
+    sqrt_c = c.sqrt()
+    xx, xb = uu / (scale * scale), ub / scale
+    a, b, span_grads = _SPANS[manifold](xx, xb, bb, sqrt_c, c, residual, None if grads is None else
+                                        (grads[0], grads[1] * scale))
+    if grads is None:
+        return a, scale * b, None
+    xx_bar, xb_bar, bb_bar, sqrt_c_bar, c_bar = span_grads
+    scale_bar = (grads[1] * b - (2 * xx_bar * xx + xb_bar * xb) / scale).sum().reshape(scale.shape)
+    c_bar = (c_bar + sqrt_c_bar / (2 * sqrt_c)).sum().reshape(c.shape)
+    return a, scale * b, (xx_bar / (scale * scale), xb_bar / scale, bb_bar, scale_bar, c_bar)
 
 
-def _coefficients(uu, ub, bb, scale, c, selected, manifold, residual):
-    """`_map_coefficients` for the selected rows, the identity (A, B) = (1, 0) for the others."""
-    a, b = _map_coefficients(uu, ub, bb, scale, c, manifold, residual)
-    return torch.where(selected, a, 1.0), torch.where(selected, b, 0.0)
+def _coefficients(uu, ub, bb, scale, c, selected, manifold, residual, grads=None):
+    """`_map_coefficients` for the selected rows, the identity (A, B) = (1, 0), a constant, for the others."""
+    if grads is not None:
+        grads = (grads[0] * selected, grads[1] * selected)
+    a, b, grads = _map_coefficients(uu, ub, bb, scale, c, manifold, residual, grads)
+    return torch.where(selected, a, 1.0), torch.where(selected, b, 0.0), grads
 
 
 def _spread(values: torch.Tensor, chosen: torch.Tensor, n: int) -> torch.Tensor:
@@ -206,30 +305,19 @@ def _map_rows_(u, table, scale, c, index, manifold, residual) -> tuple[torch.Ten
     uu = torch.linalg.vector_norm(wide, dim=-1, keepdim=True).square()
     ub = (wide @ table.T).gather(-1, chosen)
     bb = (table * table).sum(-1)[chosen]
-    a, b = _coefficients(uu, ub, bb, scale, c, selected, manifold, residual)
+    a, b, _ = _coefficients(uu, ub, bb, scale, c, selected, manifold, residual)
     if wide is u:
         u.mul_(a).addmm_(_spread(b, chosen, table.shape[0]), table)
     else:
         u.copy_(torch.addmm(wide * a, _spread(b, chosen, table.shape[0]), table))
-    return chosen, selected, uu, ub, bb
-
-
-def _vjp(fn: Callable, *primals: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Callable]:
-    """`torch.func.vjp(fn, *primals)`; eager, through autograd on detached copies, which costs less per op (the
-    compiled backward needs `torch.func`: dynamo does not trace `torch.autograd.grad` there)."""
-    if torch.compiler.is_compiling():
-        return torch.func.vjp(fn, *primals)
-    with torch.enable_grad():
-        leaves = [primal.detach().requires_grad_() for primal in primals]
-        outputs = fn(*leaves)
-    return outputs, lambda cotangents: torch.autograd.grad(outputs, leaves, cotangents)
+    return chosen, selected, uu, ub, bb, a, b
 
 
 class _MobiusBias(torch.autograd.Function):
     """Rows start:stop of u [R, D] <- A·u + B·beta_row in place, with biases `table` [n, D] chosen by `index` (-1: row
     left unchanged); the other rows are untouched. The backward keeps the output (which the next op keeps anyway),
     never the input: u is recovered as (out - B·beta_row) / A, and the per-row scalars' derivatives come from
-    re-running `_coefficients` on them (a [rows, 1] computation, cheap next to the full-width passes). Working on
+    `_coefficients` run again on them with the cotangents (a [rows, 1] computation). Working on
     the whole tensor rather than on a view of the rows spares autograd's copies of the gradient around an in-place
     op on a view."""
 
@@ -243,23 +331,19 @@ class _MobiusBias(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        out, table, scale, c, chosen, selected, uu, ub, bb = ctx.saved_tensors
+        out, table, scale, c, chosen, selected, uu, ub, bb, a, b = ctx.saved_tensors
         n, rows = table.shape[0], ctx.rows
         grad_u = torch.empty_like(out)
         for others in (slice(None, rows.start), slice(rows.stop, None)):  # rows the map did not touch
             grad_u[others] = grad[others]
         g, out = grad[rows].to(table.dtype), out[rows].to(table.dtype)
-
-        def coefficients(uu, ub, bb, scale, c):
-            return _coefficients(uu, ub, bb, scale, c, selected, ctx.manifold, ctx.residual)
-
-        (a, b), vjp = _vjp(coefficients, uu, ub, bb, scale, c)
         # u = (out - b·beta) / a. a > 0, but it underflows where a map all but collapses a row onto its bias (a
         # Lorentz bias of geodesic radius >~ 10): the output no longer resolves u there; the floor keeps it finite.
         inverse_a = 1 / a.clamp_min(torch.finfo(a.dtype).eps)
-        g_beta = (g @ table.T).gather(-1, chosen)  # <g, beta_row>
-        g_u = (_row_dot(g, out) - b * g_beta) * inverse_a  # <g, u>
-        d_uu, d_ub, d_bb, d_scale, d_c = vjp((g_u, g_beta))
+        g_beta = (g @ table.T).gather(-1, chosen)  # <g, beta_row> = dL/db
+        g_u = (_row_dot(g, out) - b * g_beta) * inverse_a  # <g, u> = dL/da
+        _, _, (d_uu, d_ub, d_bb, d_scale, d_c) = _coefficients(
+            uu, ub, bb, scale, c, selected, ctx.manifold, ctx.residual, (g_u, g_beta))
         # d/du of <g, a·u + b·beta> = a·g + 2·d_uu·u + d_ub·beta.
         p = 2 * d_uu * inverse_a
         beta_term = _spread(d_ub - p * b, chosen, n)
