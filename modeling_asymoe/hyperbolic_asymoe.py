@@ -292,6 +292,12 @@ def _spread(values: torch.Tensor, chosen: torch.Tensor, n: int) -> torch.Tensor:
     return values.new_zeros(values.shape[0], n).scatter_(-1, chosen, values)
 
 
+def _chosen_products(x: torch.Tensor, table: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """<x_i, table[chosen_i]> as [rows, 1], from the [n, rows] products (table @ xᵀ runs ~2x faster on CPUs than
+    x @ tableᵀ for these shapes)."""
+    return (table @ x.T).gather(0, chosen.T).T
+
+
 def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """<x_i, y_i> per row as [rows, 1], without a [rows, D] temporary."""
     return torch.bmm(x.unsqueeze(-2), y.unsqueeze(-1)).view(-1, 1)
@@ -303,7 +309,7 @@ def _map_rows_(u, table, scale, c, index, manifold, residual) -> tuple[torch.Ten
     wide = u.to(table.dtype)  # u itself when it is already in the compute dtype
     chosen, selected = index.clamp_min(0).unsqueeze(-1), (index >= 0).unsqueeze(-1)
     uu = torch.linalg.vector_norm(wide, dim=-1, keepdim=True).square()
-    ub = (wide @ table.T).gather(-1, chosen)
+    ub = _chosen_products(wide, table, chosen)
     bb = (table * table).sum(-1)[chosen]
     a, b, _ = _coefficients(uu, ub, bb, scale, c, selected, manifold, residual)
     if wide is u:
@@ -340,7 +346,7 @@ class _MobiusBias(torch.autograd.Function):
         # u = (out - b·beta) / a. a > 0, but it underflows where a map all but collapses a row onto its bias (a
         # Lorentz bias of geodesic radius >~ 10): the output no longer resolves u there; the floor keeps it finite.
         inverse_a = 1 / a.clamp_min(torch.finfo(a.dtype).eps)
-        g_beta = (g @ table.T).gather(-1, chosen)  # <g, beta_row> = dL/db
+        g_beta = _chosen_products(g, table, chosen)  # <g, beta_row> = dL/db
         g_u = (_row_dot(g, out) - b * g_beta) * inverse_a  # <g, u> = dL/da
         _, _, (d_uu, d_ub, d_bb, d_scale, d_c) = _coefficients(
             uu, ub, bb, scale, c, selected, ctx.manifold, ctx.residual, (g_u, g_beta))
