@@ -144,6 +144,9 @@ class AsyMoETextConfig(PreTrainedConfig):
         router_aux_loss_coef (`float`): weight of the per-modality Switch load-balancing loss that the model's own
             forward adds to its loss (with `output_router_logits`); default 0: balancing is loss-free.
         router_z_loss_coef (`float`): weight of the router z-loss (idem).
+        experts_gather_max_tokens (`int`): inside compiled graphs, calls of the default `grouped_mm` experts with at
+            most this many tokens (decoding steps) gather each token's expert weights (`batched_mm`) instead of
+            sorting rows for a grouped GEMM; eager calls always take the grouped GEMM. `0` turns it off.
     """
 
     model_type = "asymoe_text"
@@ -194,6 +197,7 @@ class AsyMoETextConfig(PreTrainedConfig):
         output_router_logits: bool = False,
         router_aux_loss_coef: float = 0.0,
         router_z_loss_coef: float = 0.0,
+        experts_gather_max_tokens: int = 4,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -258,6 +262,7 @@ class AsyMoETextConfig(PreTrainedConfig):
         self.output_router_logits = output_router_logits
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_z_loss_coef = router_z_loss_coef
+        self.experts_gather_max_tokens = experts_gather_max_tokens
 
         super().__init__(
             pad_token_id=pad_token_id,
@@ -289,6 +294,11 @@ class AsyMoETextConfig(PreTrainedConfig):
             raise ValueError(
                 f"router_bias_update_rate must be >= 0 (got {self.router_bias_update_rate}); 0 turns the "
                 "loss-free balancing off."
+            )
+        if not (isinstance(self.experts_gather_max_tokens, int) and self.experts_gather_max_tokens >= 0):
+            raise ValueError(
+                f"experts_gather_max_tokens must be an int >= 0 (got {self.experts_gather_max_tokens!r}); 0 keeps "
+                "the grouped GEMM for every call."
             )
         counts = (self.num_vision_experts, self.num_text_experts, self.num_inter_experts, self.num_evidence_experts)
         if min(counts) < 0:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from asymoe import AsyMoEForConditionalGeneration
 from asymoe.configuration import AsyMoETextConfig, ExpertLayout
+from asymoe.modeling import modeling_asymoe
 from asymoe.modeling.modeling_asymoe import (
     AsyMoEEvidenceReadout,
     AsyMoEExperts,
@@ -153,26 +154,42 @@ def test_implementations_agree(manifold, residual, with_evidence, routing):
         assert_grads_close(grads, grads_ref)
 
 
-@pytest.mark.parametrize("manifold", MANIFOLDS)
-def test_compiled_grouped_mm_agrees_with_eager(manifold, monkeypatch):
+@pytest.mark.parametrize("manifold, num_tokens, kernel", [
+    ("poincare", 24, "grouped GEMM"), ("lorentz", 24, "grouped GEMM"), ("poincare", 3, "gather"),
+])
+def test_compiled_grouped_mm_agrees_with_eager(manifold, num_tokens, kernel, monkeypatch):
     """Compiled (`fullgraph=True`: no graph break, no host sync), `grouped_mm` maps every row with the identity for
-    the other groups instead of reading the inter rows' bounds; values and gradients equal the eager loop's."""
+    the other groups instead of reading the inter rows' bounds, and calls of at most `experts_gather_max_tokens`
+    tokens take the gather kernel; values and gradients equal the eager loop's either way."""
     # Tracing an autograd.Function with gradients, dynamo instantiates Function itself and torch warns about that
     # (a torch-internal deprecation, which the conftest's hook would pin on this test): the stock warn here.
     monkeypatch.setattr(warnings, "warn", _warnings.warn)
+    gathered = []
+    gather = modeling_asymoe.asymoe_batched_mm_experts_forward
+    monkeypatch.setattr(modeling_asymoe, "asymoe_batched_mm_experts_forward",
+                        lambda *args: gathered.append(True) or gather(*args))
     config = text_config(manifold=manifold)
+    assert config.experts_gather_max_tokens == 4
     experts = AsyMoEExperts(config, config.expert_layout(EVIDENCE_LAYER))
     init_experts(experts, seed=1, bias_std=0.1)
     g = generator(2)
-    hidden = torch.randn(24, HIDDEN, generator=g)
-    evidence = hidden + 0.5 * torch.randn(24, HIDDEN, generator=g)
-    index, weights = random_routing(24, experts.num_experts, 2, seed=3)
+    hidden = torch.randn(num_tokens, HIDDEN, generator=g)
+    evidence = hidden + 0.5 * torch.randn(num_tokens, HIDDEN, generator=g)
+    index, weights = random_routing(num_tokens, experts.num_experts, 2, seed=3)
+    index[:3] = torch.tensor([[0, 2], [1, 3], [4, 2]])  # every group: vision | text | inter | evidence
     out_ref, grads_ref = run_experts(experts, "eager", hidden, index, weights, evidence)
     torch._dynamo.reset()
     compiled = torch.compile(experts, fullgraph=True, backend="aot_eager")
     out, grads = run_experts(experts, "grouped_mm", hidden, index, weights, evidence, module=compiled)
+    assert bool(gathered) == (kernel == "gather")
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     assert_grads_close(grads, grads_ref)
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, None])
+def test_gather_threshold_is_validated(value):
+    with pytest.raises(ValueError, match="experts_gather_max_tokens must be an int >= 0"):
+        text_config(experts_gather_max_tokens=value)
 
 
 @pytest.mark.parametrize("manifold", MANIFOLDS)
