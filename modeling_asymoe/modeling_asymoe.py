@@ -57,7 +57,9 @@ CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeModelO
 def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
     """The KV cache, given under its transformers >= 5.24 name `cache` or its older name `past_key_values`."""
     if cache is not None and past_key_values is not None and cache is not past_key_values:
-        raise ValueError("Two different KV caches were given: pass it once, as `cache` (older name: `past_key_values`).")
+        raise ValueError(
+            "Two different KV caches were given: pass it once, as `cache` (older name: `past_key_values`)."
+        )
     return cache if cache is not None else past_key_values
 
 
@@ -293,7 +295,8 @@ class AsyMoERouter(nn.Module):
             counted = counted * token_mask.reshape(-1, 1).to(counted)
         if self.pending_load is None:
             self.pending_load = counted.new_zeros(2, self.num_experts)
-        self.pending_load.index_put_((modality.reshape(-1, 1).expand_as(top_index), top_index), counted, accumulate=True)
+        rows = modality.reshape(-1, 1).expand_as(top_index)
+        self.pending_load.index_put_((rows, top_index), counted, accumulate=True)
         _watch_load(self)
 
     @torch.no_grad()

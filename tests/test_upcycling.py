@@ -33,6 +33,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from isolated import remote_generations
+
 from asymoe import AsyMoEForConditionalGeneration
 from asymoe.cli import main as cli_main
 from asymoe.tiny import build_tokenizer
@@ -181,6 +183,18 @@ def test_copy_mode_keeps_logits_and_generation(backbone, sources, tmp_path):
             assert (output / name).is_file(), name
         card = (output / "README.md").read_text()
         assert f"AsyMoE ({variant})" in card and '"mode": "copy"' in card
+
+
+def test_copy_mode_generation_through_remote_code(sources, tmp_path):
+    """Where asymoe is not installed, every backbone x variant loads with `trust_remote_code`, and its greedy tokens
+    with the KV cache equal those without it and the dense source's (transformers' LLaVA)."""
+    checkpoints = {str(upcycle(sources[backbone]["dir"], tmp_path / f"{backbone}-{variant}", moe_variant=variant)):
+                   (backbone, variant) for backbone in BACKBONES for variant in VARIANTS}
+    generations = remote_generations(tmp_path, {
+        directory: sources[backbone]["inputs"] for directory, (backbone, _) in checkpoints.items()})
+    for directory, (backbone, variant) in checkpoints.items():
+        expected = sources[backbone]["generated"].tolist()
+        assert generations[directory]["cached"] == generations[directory]["uncached"] == expected, (backbone, variant)
 
 
 def test_qwen3_and_mistral_flags_reach_the_config(sources, tmp_path):
