@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_write_text
 from .generation import decode_answers, generate_tokens
-from .tasks import TASKS, Task, load_rows, resolve_tasks, score
+from .tasks import TASKS, Task, load_task_rows, resolve_tasks, score
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -84,7 +84,7 @@ def evaluate_model(model, processor, tasks: list[str], data: dict[str, str] | No
     model.eval()
     results = {}
     for index, task in enumerate(resolve_tasks(tasks)):
-        rows = list(load_rows(task, data.get(task.data_key or task.name), limit))
+        rows = list(load_task_rows(task, data.get(task.data_key or task.name), limit))
         predictions = generate_answers(model, processor, task, rows, batch_size, max_new_tokens, progress,
                                        check_cache=index == 0)
         results[task.name] = {"metrics": score(task, predictions, rows), "n": len(rows), "scoring": task.scoring}
@@ -163,13 +163,17 @@ def run(args: argparse.Namespace) -> int:
         for key, path in data.items():
             if not Path(path).exists():
                 raise FileNotFoundError(f"--data {key}={path}: no such file or directory.")
+        looks_local = args.model.startswith(("/", ".", "~")) or args.model.count("/") > 1
+        if looks_local and not Path(args.model).expanduser().is_dir():
+            raise FileNotFoundError(f"MODEL {args.model}: no such directory (give a checkpoint directory, or a Hub "
+                                    "id such as llava-hf/llava-1.5-7b-hf).")
         model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True,
                                                             dtype=DTYPES[args.dtype]).to(args.device)
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
         output = Path(args.output)
         results = evaluate_model(model, processor, [t for t in args.tasks.split(",") if t], data, args.limit,
                                  args.batch_size, args.max_new_tokens, output)
-    except (ValueError, FileNotFoundError, CachedGenerationMismatch) as err:
+    except (ValueError, OSError, CachedGenerationMismatch) as err:  # OSError: missing or unreadable checkpoints
         print(f"asymoe eval: error: {err}", file=sys.stderr)
         return 2
     import transformers

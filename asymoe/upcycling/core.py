@@ -19,6 +19,7 @@ from torch import nn
 
 from ..configuration import AsyMoEConfig
 from ..configuration.configuration_asymoe import write_remote_code
+from ..io import atomic_directory
 from ..modeling import AsyMoEForConditionalGeneration
 from ..modeling import modeling_asymoe as _modeling_module
 from .card import build_meta_model, model_card, parameter_counts
@@ -115,6 +116,12 @@ def upcycle(
             f"{output} exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it."
         )
     src_dir, provenance = resolve_source(source, revision)
+    source_path, output_path = src_dir.resolve(), output.resolve()
+    if output_path == source_path or source_path in output_path.parents or output_path in source_path.parents:
+        raise ValueError(
+            f"the output {output} is the source checkpoint {src_dir}, lies inside it or holds it: upcycling would "
+            "replace the source. Choose an output directory outside the source."
+        )
     return _upcycle_directory(src_dir, provenance, output, overwrite=overwrite, **{
         k: v for k, v in options.items() if k != "revision"})
 
@@ -199,26 +206,20 @@ def _upcycle_directory(
         "asymoe_version": _version(),
     }
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    stale = sorted(output.parent.glob(f".{output.name}.upcycling-*"))
-    if stale:
-        warnings.warn(
-            f"{len(stale)} temporary directories of interrupted (or concurrent) upcycling runs lie next to the "
-            f"output, e.g. {stale[0]}; remove them once no run is writing there."
-        )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.upcycling-", dir=output.parent))
-    writer = None
-    try:
+    with atomic_directory(output, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, plan.specs, parse_size(max_shard_size))
-        _stream(
-            shard_files, shard_headers, plan, writer, meta_model, config, layer_slices,
-            seed=seed, noise_std=noise_std, drop_ratio=drop_ratio, progress=progress,
-        )
+        try:
+            _stream(
+                shard_files, shard_headers, plan, writer, meta_model, config, layer_slices,
+                seed=seed, noise_std=noise_std, drop_ratio=drop_ratio, progress=progress,
+            )
+        except BaseException:
+            writer.abort()
+            raise
         missing = writer.missing()
         if missing:
             raise RuntimeError(f"internal error: tensors not written: {missing[:5]}")
         index = writer.close()
-        writer = None
         (tmp / WEIGHT_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
         config.upcycling = manifest
@@ -236,12 +237,6 @@ def _upcycle_directory(
             processor.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(config, manifest, parameter_counts(config)), encoding="utf-8")
         _fsync_directory(tmp)
-        _move_into_place(tmp, output)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 
@@ -335,21 +330,6 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _move_into_place(tmp: Path, output: Path) -> None:
-    """Atomically publish `tmp` as `output` (an existing output is swapped out first, then removed)."""
-    if output.exists():
-        if not any(output.iterdir()):
-            output.rmdir()
-        else:
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
-            old.rmdir()
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-            return
-    os.replace(tmp, output)
 
 
 def _version() -> str:

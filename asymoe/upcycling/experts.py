@@ -52,9 +52,9 @@ def expert_weights(
 def fresh_block_tensors(
     meta_model: AsyMoEForConditionalGeneration, layer: int, dtype: torch.dtype, seed: int
 ) -> dict[str, torch.Tensor]:
-    """The new (non-expert-weight) parameters of MoE layer `layer`, initialised by the model's own `_init_weights`
-    (routers normal(0, initializer_range) in fp32, hyperbolic scales/curvature), then made neutral: Möbius biases and
-    the evidence readout's `W_o` zero, so that the upcycled layer computes the dense FFN."""
+    """The new (non-expert-weight) tensors of MoE layer `layer`, initialised by the model's own `_init_weights`:
+    routers normal(0, initializer_range) in fp32 with zero balancing biases, hyperbolic scales and curvature, and the
+    neutral parts that keep copy mode function-preserving (Möbius biases and the evidence readout's `W_o` zero)."""
     text = meta_model.config.text_config
     with torch.device("meta"):  # a detached copy: the meta model keeps no materialised tensors
         block = _modeling_module.AsyMoESparseBlock(text, text.expert_layout(layer))
@@ -75,10 +75,6 @@ def fresh_block_tensors(
         torch.manual_seed(derived_seed(seed, "block", layer))
         for module in block.modules():
             meta_model._init_weights(module)
-    with torch.no_grad():
-        for name, param in fresh.items():
-            if name.startswith("experts.mobius_bias") or name == "evidence.o_proj.weight":
-                param.zero_()
     prefix = f"model.language_model.layers.{layer}.mlp."
     return {
         prefix + name: param.detach().to(torch.float32 if name.startswith("router.") else dtype)

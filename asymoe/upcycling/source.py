@@ -77,7 +77,11 @@ def load_source_config(directory: str | os.PathLike):
             f"{directory} has no config.json: upcycling needs a saved {SUPPORTED_SOURCE} checkpoint "
             "(config.json + safetensors weights)."
         )
-    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err}): the checkpoint is damaged; save or download it "
+                         "again.") from err
     model_type = raw.get("model_type")
     architectures = raw.get("architectures") or []
     if model_type in NOT_SUPPORTED_YET:
