@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .configuration.configuration_asymoe import write_text_atomically
+
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|replaced|upcycling)-(?:(?P<pid>\d+)-)?[\w-]+$")
 
 
@@ -25,17 +27,11 @@ def _temporary_sibling(path: Path, kind: str) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to a temporary sibling of `path`, then rename it onto `path` (creating the parent)."""
+    """Write `text` to a temporary sibling of `path`, then rename it onto `path` (creating the parent). The Hub
+    bundle's writer (it cannot import this module, so the writer lives there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_sibling(path, "partial")
-    try:
-        with open(temporary, "x", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return write_text_atomically(path, text)
 
 
 def _alive(pid: int) -> bool:

@@ -550,17 +550,21 @@ def write_remote_code(save_directory: str | os.PathLike, module_file: str) -> li
         flat = re.sub(r"^(\s*)from \.\.?(?:\w+\.)?(\w+) import", r"\1from .\2 import", text, flags=re.MULTILINE)
         for imported in re.findall(r"^\s*from \.(\w+) import", flat, flags=re.MULTILINE):
             pending.append(_find_sibling(source, imported, text))
-        target = Path(save_directory) / source.name
-        # A plain `open` (not mkstemp's owner-only 0600): the file gets the modes save_pretrained's files get.
-        tmp = target.with_name(f".{source.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "x", encoding="utf-8") as handle:
-                handle.write(flat)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        written.append(target)
+        written.append(write_text_atomically(Path(save_directory) / source.name, flat))
     return written
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    """Write `text` to a temporary sibling of `path` (named `.<name>.partial-<pid>-<random>`), then rename it onto
+    `path`. A plain `open`, not mkstemp's owner-only 0600: the file gets the modes save_pretrained's files get."""
+    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(temporary, "x", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 def _find_sibling(source: Path, module_name: str, text: str) -> Path:
@@ -581,4 +585,5 @@ __all__ = [
     "anyres_layout",
     "check_transformers_version",
     "write_remote_code",
+    "write_text_atomically",
 ]
