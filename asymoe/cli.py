@@ -33,7 +33,7 @@ def _upcycle(args: argparse.Namespace) -> int:
             revision=args.revision, max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=True,
             **overrides,
         )
-    except (ValueError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # bad input, existing or unwritable output, missing source
         print(f"asymoe upcycle: error: {err}", file=sys.stderr)
         return 2
     from . import AsyMoEConfig

@@ -9,7 +9,7 @@ import importlib
 import math
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,13 @@ def check_transformers_version(tested: dict[str, str] = TESTED_TRANSFORMERS) -> 
 check_transformers_version()
 
 MOE_VARIANTS = ("dense", "vanilla", "modality", "asymoe")
+# Where the hyperbolic maps (and their gradients, learned through softplus in fp32) stay meaningful and finite.
+CURVATURE_RANGE = (1e-6, 1e6)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 MANIFOLDS = ("poincare", "lorentz")
 
 # Default expert counts per group for each variant: (vision-intra, text-intra, inter, evidence).
@@ -286,23 +293,30 @@ class AsyMoETextConfig(PreTrainedConfig):
             raise ValueError(f"evidence_layers {bad} are not MoE layers; choose them from moe_layers={self.moe_layers}.")
         if self.manifold not in MANIFOLDS:
             raise ValueError(f"manifold={self.manifold!r} is not one of {MANIFOLDS}.")
-        if self.curvature <= 0:
-            raise ValueError(f"curvature must be > 0 (got {self.curvature}).")
-        if self.num_experts_per_tok < 1:
-            raise ValueError(f"num_experts_per_tok must be >= 1 (got {self.num_experts_per_tok}).")
-        if not self.router_bias_update_rate >= 0:
+        low, high = CURVATURE_RANGE
+        if not _is_number(self.curvature) or not low <= self.curvature <= high:
             raise ValueError(
-                f"router_bias_update_rate must be >= 0 (got {self.router_bias_update_rate}); 0 turns the "
-                "loss-free balancing off."
+                f"curvature must be a number in [{low:g}, {high:g}] (got {self.curvature!r}): below it the Möbius "
+                "maps are Euclidean to fp32 precision (set hyperbolic_inter=False for Euclidean inter experts), "
+                "above it they saturate."
             )
-        if not (isinstance(self.experts_gather_max_tokens, int) and self.experts_gather_max_tokens >= 0):
+        scale = self.hyperbolic_scale
+        if scale is not None and not (_is_number(scale) and scale > 0):
             raise ValueError(
-                f"experts_gather_max_tokens must be an int >= 0 (got {self.experts_gather_max_tokens!r}); 0 keeps "
-                "the grouped GEMM for every call."
+                f"hyperbolic_scale must be a finite number > 0 (got {self.hyperbolic_scale!r}); None takes sqrt(map "
+                "width)."
             )
-        counts = (self.num_vision_experts, self.num_text_experts, self.num_inter_experts, self.num_evidence_experts)
-        if min(counts) < 0:
-            raise ValueError(f"expert counts must be >= 0 (got vision/text/inter/evidence = {counts}).")
+        for name in ("num_experts_per_tok", "moe_intermediate_size", "num_vision_experts", "num_text_experts",
+                     "num_inter_experts", "num_evidence_experts", "experts_gather_max_tokens"):
+            value = getattr(self, name)
+            minimum = 0 if name.endswith("_experts") or name == "experts_gather_max_tokens" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum} (got {value!r}).")
+        if not _is_number(self.router_bias_update_rate) or self.router_bias_update_rate < 0:
+            raise ValueError(
+                f"router_bias_update_rate must be a finite number >= 0 (got {self.router_bias_update_rate!r}); 0 "
+                "turns the loss-free balancing off."
+            )
         variant = self.moe_variant
         if variant == "vanilla" and (self.num_vision_experts or self.num_text_experts or self.num_evidence_experts):
             raise ValueError(
@@ -541,13 +555,21 @@ def write_remote_code(save_directory: str | os.PathLike, module_file: str) -> li
         flat = re.sub(r"^(\s*)from \.\.?(?:\w+\.)?(\w+) import", r"\1from .\2 import", text, flags=re.MULTILINE)
         for imported in re.findall(r"^\s*from \.(\w+) import", flat, flags=re.MULTILINE):
             pending.append(_find_sibling(source, imported, text))
-        target = Path(save_directory) / source.name
-        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=f".{source.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(flat)
-        os.replace(tmp, target)
-        written.append(target)
+        written.append(write_text_atomically(Path(save_directory) / source.name, flat))
     return written
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    """Write `text` to a temporary sibling of `path` (named `.<name>.partial-<pid>-<random>`), then rename it onto
+    `path`. A plain `open`, not mkstemp's owner-only 0600: the file gets the modes save_pretrained's files get."""
+    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(temporary, "x", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 def _find_sibling(source: Path, module_name: str, text: str) -> Path:
@@ -568,4 +590,5 @@ __all__ = [
     "anyres_layout",
     "check_transformers_version",
     "write_remote_code",
+    "write_text_atomically",
 ]

@@ -3,6 +3,8 @@ placeholder per image, processor inputs on the model's device, batched generatio
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 
@@ -55,7 +57,45 @@ def decode_answers(processor, inputs, output) -> list[str]:
 
 
 def generate_batch(model, processor, prompts: list[str], images: list[list], max_new_tokens: int = 16,
-                   **generate_kwargs) -> list[str]:
-    """Answers to `prompts` (`generate_tokens`, then `decode_answers`)."""
-    return decode_answers(processor, *generate_tokens(model, processor, prompts, images, max_new_tokens,
-                                                      **generate_kwargs))
+                   check_cache: bool = False, **generate_kwargs) -> list[str]:
+    """Answers to `prompts` (`generate_tokens`, then `decode_answers`); with `check_cache` (greedy decoding), also
+    decoded without the KV cache first (`check_cached_generation`)."""
+    inputs, output = generate_tokens(model, processor, prompts, images, max_new_tokens, **generate_kwargs)
+    if check_cache:
+        check_cached_generation(model, inputs, output, max_new_tokens, processor.tokenizer.pad_token_id)
+    return decode_answers(processor, inputs, output)
+
+
+# How far apart two tokens' logits may be for a cached and an uncached run to pick differently without an error:
+# numerics differ between the two paths, so near-ties may flip; a broken cache flips tokens by far more.
+TIE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.05}
+
+
+class CachedGenerationMismatch(RuntimeError):
+    """Greedy generation with the KV cache differs from generation without it: the model's code and the installed
+    transformers disagree about the cache, and every cached answer would be wrong."""
+
+
+def check_cached_generation(model, inputs, cached: torch.Tensor, max_new_tokens: int, pad_token_id) -> None:
+    """Raise `CachedGenerationMismatch` unless uncached greedy decoding of `inputs` gives `cached`, up to near-ties
+    (where the two first part, the uncached logits of the two tokens lie within `TIE_TOLERANCE`)."""
+    uncached = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id,
+                              use_cache=False, output_logits=True, return_dict_in_generate=True)
+    prompt_length = inputs["input_ids"].shape[1]
+    length = min(cached.shape[1], uncached.sequences.shape[1])
+    for row in range(cached.shape[0]):
+        differs = (cached[row, :length] != uncached.sequences[row, :length]).nonzero()
+        if differs.numel() == 0:
+            continue
+        step = int(differs[0]) - prompt_length
+        logits = uncached.logits[step][row].float()
+        gap = float(logits[uncached.sequences[row, prompt_length + step]] - logits[cached[row, prompt_length + step]])
+        if gap > TIE_TOLERANCE.get(model.dtype, 1e-3):
+            raise CachedGenerationMismatch(
+                f"Greedy answers with the KV cache differ from answers without it (row {row}, generated token {step}: "
+                f"logit gap {gap:.3g}), so cached answers would be wrong. The model's code does not handle "
+                f"transformers {sys.modules['transformers'].__version__} correctly (transformers 5.24 renamed the "
+                "cache argument, for example). Install a transformers release the checkpoint was tested on "
+                "(config.json: `tested_transformers`) or update the model's code."
+            )
+

@@ -51,6 +51,7 @@ class AsyMoELmms(lmms):
         self.model = AutoModelForImageTextToText.from_pretrained(
             pretrained, trust_remote_code=trust_remote_code, dtype=DTYPES[dtype]).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        self._cache_checked = False  # greedy answers with and without the cache compared once (the canary)
 
     def _images(self, doc_to_visual, doc_id: int, task: str, split: str) -> list[Image.Image]:
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
@@ -61,7 +62,8 @@ class AsyMoELmms(lmms):
 
     def generate_until(self, requests) -> list[str]:
         """Answers to `(context, generation_kwargs, doc_to_visual, doc_id, task, split)` requests: greedy unless the
-        task asks for sampling, cut at the first of the task's `until` strings, stripped."""
+        task asks for sampling, cut at the first of the task's `until` strings, stripped. The first greedy batch is
+        also decoded without the KV cache: a mismatch stops the run (`CachedGenerationMismatch`)."""
         answers = [None] * len(requests)
         for start in range(0, len(requests), self.batch_size):
             groups = {}  # requests that generate together: same settings, same number of images
@@ -72,8 +74,10 @@ class AsyMoELmms(lmms):
                 groups.setdefault(key, (settings, []))[1].append((index, context, images))
             for settings, group in groups.values():
                 until, generate_kwargs = _generation_settings(settings)
+                check = not self._cache_checked and not generate_kwargs["do_sample"]  # the canary: once, greedy
                 texts = generate_batch(self.model, self.processor, [context for _, context, _ in group],
-                                       [images for *_, images in group], **generate_kwargs)
+                                       [images for *_, images in group], check_cache=check, **generate_kwargs)
+                self._cache_checked |= check
                 for (index, *_), text in zip(group, texts):
                     answers[index] = _cut(text, until)
         return answers

@@ -15,44 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_text
-from .generation import decode_answers, generate_tokens
-from .tasks import TASKS, Task, load_rows, resolve_tasks, score
+from .generation import CachedGenerationMismatch, generate_batch
+from .tasks import TASKS, Task, load_task_rows, resolve_tasks, score
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# How far apart two tokens' logits may be for a cached and an uncached run to pick differently without an error:
-# numerics differ between the two paths, so near-ties may flip; a broken cache flips tokens by far more.
-TIE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.05}
-
-
-class CachedGenerationMismatch(RuntimeError):
-    """Greedy generation with the KV cache differs from generation without it: the model's code and the installed
-    transformers disagree about the cache, and every cached answer would be wrong."""
-
-
-def check_cached_generation(model, inputs, cached: torch.Tensor, max_new_tokens: int, pad_token_id) -> None:
-    """Raise `CachedGenerationMismatch` unless uncached greedy decoding of `inputs` gives `cached`, up to near-ties
-    (where the two first part, the uncached logits of the two tokens lie within `TIE_TOLERANCE`)."""
-    uncached = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id,
-                              use_cache=False, output_logits=True, return_dict_in_generate=True)
-    prompt_length = inputs["input_ids"].shape[1]
-    length = min(cached.shape[1], uncached.sequences.shape[1])
-    for row in range(cached.shape[0]):
-        differs = (cached[row, :length] != uncached.sequences[row, :length]).nonzero()
-        if differs.numel() == 0:
-            continue
-        step = int(differs[0]) - prompt_length
-        logits = uncached.logits[step][row].float()
-        gap = float(logits[uncached.sequences[row, prompt_length + step]] - logits[cached[row, prompt_length + step]])
-        if gap > TIE_TOLERANCE.get(model.dtype, 1e-3):
-            raise CachedGenerationMismatch(
-                f"Greedy answers with the KV cache differ from answers without it (row {row}, generated token {step}: "
-                f"logit gap {gap:.3g}), so cached answers would be wrong. The model's code does not handle "
-                f"transformers {sys.modules['transformers'].__version__} correctly (transformers 5.24 renamed the "
-                "cache argument, for example). Install a transformers release the checkpoint was tested on "
-                "(config.json: `tested_transformers`) or update the model's code."
-            )
 
 
 @torch.no_grad()
@@ -63,11 +29,9 @@ def generate_answers(model, processor, task: Task, rows: list[dict], batch_size:
     answers = []
     for start in tqdm(range(0, len(rows), batch_size), desc=task.name, disable=not progress, unit="batch"):
         batch = rows[start:start + batch_size]
-        inputs, output = generate_tokens(model, processor, [task.prompt(row) for row in batch],
-                                         [task.images(row) for row in batch], max_new_tokens)
-        if check_cache and start == 0:
-            check_cached_generation(model, inputs, output, max_new_tokens, processor.tokenizer.pad_token_id)
-        answers += decode_answers(processor, inputs, output)
+        answers += generate_batch(model, processor, [task.prompt(row) for row in batch],
+                                  [task.images(row) for row in batch], max_new_tokens,
+                                  check_cache=check_cache and start == 0)
     return answers
 
 
@@ -84,7 +48,7 @@ def evaluate_model(model, processor, tasks: list[str], data: dict[str, str] | No
     model.eval()
     results = {}
     for index, task in enumerate(resolve_tasks(tasks)):
-        rows = list(load_rows(task, data.get(task.data_key or task.name), limit))
+        rows = list(load_task_rows(task, data.get(task.data_key or task.name), limit))
         predictions = generate_answers(model, processor, task, rows, batch_size, max_new_tokens, progress,
                                        check_cache=index == 0)
         results[task.name] = {"metrics": score(task, predictions, rows), "n": len(rows), "scoring": task.scoring}
@@ -163,13 +127,17 @@ def run(args: argparse.Namespace) -> int:
         for key, path in data.items():
             if not Path(path).exists():
                 raise FileNotFoundError(f"--data {key}={path}: no such file or directory.")
+        looks_local = args.model.startswith(("/", ".", "~")) or args.model.count("/") > 1
+        if looks_local and not Path(args.model).expanduser().is_dir():
+            raise FileNotFoundError(f"MODEL {args.model}: no such directory (give a checkpoint directory, or a Hub "
+                                    "id such as llava-hf/llava-1.5-7b-hf).")
         model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True,
                                                             dtype=DTYPES[args.dtype]).to(args.device)
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
         output = Path(args.output)
         results = evaluate_model(model, processor, [t for t in args.tasks.split(",") if t], data, args.limit,
                                  args.batch_size, args.max_new_tokens, output)
-    except (ValueError, FileNotFoundError, CachedGenerationMismatch) as err:
+    except (ValueError, OSError, CachedGenerationMismatch) as err:  # OSError: missing or unreadable checkpoints
         print(f"asymoe eval: error: {err}", file=sys.stderr)
         return 2
     import transformers

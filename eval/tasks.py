@@ -135,7 +135,7 @@ def resolve_tasks(names: list[str]) -> list[Task]:
     return resolved
 
 
-def load_rows(task: Task, path: str | os.PathLike | None = None, limit: int | None = None):
+def load_task_rows(task: Task, path: str | os.PathLike | None = None, limit: int | None = None):
     """The task's rows as a `datasets.Dataset`: from `path` (local copy) or the Hub copy, first `limit` rows."""
     import datasets
 

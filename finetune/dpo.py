@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from trl import DPOConfig, DPOTrainer, ModelConfig, ScriptArguments, TrlParser
 
 from ..eval.grounding import prior_answer
-from .data import DataScriptArguments, convert_rows, default_image_folder, image_storage, llava_messages, load_rows, vqa_messages
+from .data import DataScriptArguments, convert_rows, default_image_folder, image_storage, llava_messages, load_split, vqa_messages
 from .lora import LoraScriptArguments, script_peft
 
 PREFERENCE_FORMATS = ("preference", "grounding")
@@ -98,8 +98,8 @@ def to_preferences(dataset, data_format: str = "auto", image_folder: str | None 
 
 def load_preference_data(path: str, split: str = "train", data_format: str = "auto", image_folder: str | None = None,
                          name: str | None = None):
-    """`asymoe.finetune.data.load_rows` (any source) + `to_preferences`."""
-    return to_preferences(load_rows(path, split, name), data_format, default_image_folder(path, image_folder))
+    """`asymoe.finetune.data.load_split` (any source) + `to_preferences`."""
+    return to_preferences(load_split(path, split, name), data_format, default_image_folder(path, image_folder))
 
 
 def main(argv: list[str] | None = None) -> DPOTrainer:

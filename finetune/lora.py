@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from transformers import BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
+
+from ..io import atomic_directory
 
 LORA_TARGETS = ("attention", "mlp", "experts")
 EVIDENCE_MODES = ("lora", "full", "frozen")
@@ -218,16 +218,9 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, output: str 
     has_processor = (Path(adapter) / "processor_config.json").is_file()
     processor = AutoProcessor.from_pretrained(adapter if has_processor else base, trust_remote_code=True)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_directory(output) as temporary:
         merged.save_pretrained(temporary)
         processor.save_pretrained(temporary)
-        if output.exists():
-            output.rmdir()  # empty, checked above
-        os.replace(temporary, output)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
     return output
 
 

@@ -57,7 +57,9 @@ CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeModelO
 def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
     """The KV cache, given under its transformers >= 5.24 name `cache` or its older name `past_key_values`."""
     if cache is not None and past_key_values is not None and cache is not past_key_values:
-        raise ValueError("Two different KV caches were given: pass it once, as `cache` (older name: `past_key_values`).")
+        raise ValueError(
+            "Two different KV caches were given: pass it once, as `cache` (older name: `past_key_values`)."
+        )
     return cache if cache is not None else past_key_values
 
 
@@ -293,7 +295,8 @@ class AsyMoERouter(nn.Module):
             counted = counted * token_mask.reshape(-1, 1).to(counted)
         if self.pending_load is None:
             self.pending_load = counted.new_zeros(2, self.num_experts)
-        self.pending_load.index_put_((modality.reshape(-1, 1).expand_as(top_index), top_index), counted, accumulate=True)
+        rows = modality.reshape(-1, 1).expand_as(top_index)
+        self.pending_load.index_put_((rows, top_index), counted, accumulate=True)
         _watch_load(self)
 
     @torch.no_grad()
@@ -657,7 +660,8 @@ class AsyMoEPreTrainedModel(PreTrainedModel):
                 scale = config.hyperbolic_scale
                 init.constant_(module.log_scale_gate_up, math.log(scale or (2 * module.intermediate_dim) ** 0.5))
                 init.constant_(module.log_scale_down, math.log(scale or module.hidden_dim**0.5))
-                init.constant_(module.raw_curvature, math.log(math.expm1(config.curvature)))  # softplus^-1
+                c = config.curvature  # softplus^-1(c) = c + log(1 - e^-c), exact for large c too
+                init.constant_(module.raw_curvature, c + math.log(-math.expm1(-c)))
         elif isinstance(module, AsyMoERouter):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.e_score_correction_bias)
@@ -716,6 +720,13 @@ class AsyMoETextModel(AsyMoEPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.ndim == 2 and not torch.compiler.is_compiling():
+            if tuple(attention_mask.shape) != (batch, int(past_length) + seq):
+                raise ValueError(
+                    f"attention_mask has shape {list(attention_mask.shape)}, but {batch} sequence(s) of "
+                    f"{int(past_length)} cached + {seq} new positions need [{batch}, {int(past_length) + seq}]: "
+                    "give one mask entry per position (cached ones included), as the processor and generate do."
+                )
         if position_ids is None:
             position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_length).unsqueeze(0)
         if image_mask is None:
@@ -807,9 +818,12 @@ class AsyMoEModelOutputWithPast(MoeModelOutputWithPast):
     r"""
     image_hidden_states (`torch.FloatTensor` or list of them, *optional*): projected image features (anyres: one
         tensor per image).
+    image_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): the positions of this forward that
+        hold image features (routed to the vision/inter experts); generated tokens never do.
     """
 
     image_hidden_states: torch.FloatTensor | list[torch.FloatTensor] | None = None
+    image_mask: torch.BoolTensor | None = None
 
 
 @dataclass
@@ -977,17 +991,9 @@ class AsyMoEModel(AsyMoEPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         cache = _one_cache(cache, past_key_values)
-        mm_token_type_ids = _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, cache)
-        if mm_token_type_ids is not None:
-            image_mask = mm_token_type_ids == 1
-        elif input_ids is not None:
-            image_mask = input_ids == self.config.image_token_id
-        elif pixel_values is not None:
-            raise ValueError("With `inputs_embeds` and `pixel_values`, pass `mm_token_type_ids` (1 = image token).")
-        else:
-            image_mask = None
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_mask = self.image_positions(input_ids, inputs_embeds, mm_token_type_ids, pixel_values, cache)
 
         image_features = None
         if pixel_values is not None:
@@ -1010,10 +1016,7 @@ class AsyMoEModel(AsyMoEPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(
                 image_mask.unsqueeze(-1).to(inputs_embeds.device), flat_features.to(inputs_embeds.dtype)
             )
-        elif (
-            image_mask is not None and not torch.compiler.is_compiling() and not _continues_cache(cache)
-            and image_mask.any()
-        ):
+        elif not torch.compiler.is_compiling() and not _continues_cache(cache) and image_mask.any():
             raise ValueError(
                 f"The text holds {int(image_mask.sum())} image tokens but no `pixel_values` were given: pass the "
                 "images, or remove the '<image>' placeholders."
@@ -1029,7 +1032,38 @@ class AsyMoEModel(AsyMoEPreTrainedModel):
             evidence_mask=evidence_mask,
             **kwargs,
         )
-        return AsyMoEModelOutputWithPast(**outputs, image_hidden_states=image_features)
+        return AsyMoEModelOutputWithPast(**outputs, image_hidden_states=image_features, image_mask=image_mask)
+
+    def image_positions(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        mm_token_type_ids: torch.LongTensor | None,
+        pixel_values: torch.FloatTensor | None,
+        cache: Cache | None,
+    ) -> torch.BoolTensor:
+        """[batch, seq] bool: which positions of this forward are image tokens (the one place this is decided).
+
+        `mm_token_type_ids` (1 = image) when given: cut to this forward's positions (transformers < 5.2x passes the
+        whole sequence's to decoding steps). Otherwise the `<image>` ids, except in a forward that continues a
+        cache without images (a decoding step): generated tokens are text, even `<image>` ids.
+        """
+        batch, seq = inputs_embeds.shape[:2]
+        if mm_token_type_ids is not None:
+            if mm_token_type_ids.shape[0] != batch or mm_token_type_ids.shape[-1] < seq:
+                raise ValueError(
+                    f"mm_token_type_ids has shape {list(mm_token_type_ids.shape)} but the inputs are [{batch}, {seq}]: "
+                    "give one type per input position (1 = image token), as the processor returns them "
+                    "(return_mm_token_type_ids=True)."
+                )
+            return mm_token_type_ids[..., -seq:] == 1
+        if input_ids is None:
+            if pixel_values is not None:
+                raise ValueError("With `inputs_embeds` and `pixel_values`, pass `mm_token_type_ids` (1 = image token).")
+            return torch.zeros(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
+        if pixel_values is None and _continues_cache(cache):
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == self.config.image_token_id
 
 
 class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
@@ -1125,7 +1159,6 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
         """
         text_config = self.config.text_config
         cache = _one_cache(cache, past_key_values)
-        mm_token_type_ids = _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, cache)
         if output_router_logits is None:
             output_router_logits = text_config.output_router_logits
         output_router_logits = bool(output_router_logits and text_config.moe_layers)
@@ -1148,7 +1181,7 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
 
-        image_mask = self._image_mask(input_ids, mm_token_type_ids, hidden_states)
+        image_mask = outputs.image_mask
         loss = None
         if labels is not None:
             labels = labels.masked_fill(image_mask.to(labels.device), -100)
@@ -1175,32 +1208,11 @@ class AsyMoEForConditionalGeneration(AsyMoEPreTrainedModel, GenerationMixin):
             **{CACHE_NAME: outputs.get(CACHE_NAME)},
         )
 
-    def _image_mask(self, input_ids, mm_token_type_ids, hidden_states) -> torch.Tensor:
-        if mm_token_type_ids is not None:
-            return mm_token_type_ids == 1
-        if input_ids is not None:
-            return input_ids == self.config.image_token_id
-        return torch.zeros(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
-
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights and config, plus the flat remote-code files that `trust_remote_code=True` loads."""
         super().save_pretrained(save_directory, *args, **kwargs)
         Path(save_directory).mkdir(parents=True, exist_ok=True)
         write_remote_code(save_directory, __file__)
-
-
-def _decode_step_token_types(input_ids, mm_token_type_ids, pixel_values, cache) -> torch.Tensor | None:
-    """A forward that continues a cache without images (a decoding step) holds generated tokens: all text, even
-    `<image>` ids. Otherwise the given `mm_token_type_ids` (None: image positions are the `<image>` ids), cut to
-    the positions of this forward (transformers < 5.2x passes the whole sequence's ids to decoding steps)."""
-    if mm_token_type_ids is not None and input_ids is not None and mm_token_type_ids.shape[-1] > input_ids.shape[-1]:
-        return mm_token_type_ids[..., -input_ids.shape[-1]:]
-    if (
-        mm_token_type_ids is None and input_ids is not None and pixel_values is None
-        and _continues_cache(cache)
-    ):
-        return torch.zeros_like(input_ids)
-    return mm_token_type_ids
 
 
 def _continues_cache(cache: Cache | None) -> bool:

@@ -6,17 +6,16 @@ import json
 
 import pytest
 import torch
-
-from asymoe.cli import main as cli_main
 from asymoe.eval.easy_vqa import easy_vqa_vocabulary
 from asymoe.eval.grounding import GroundingConfig, build_grounding, grounding_vocabulary, save_grounding
 from asymoe.eval.runner import update_model_card
-from asymoe.eval.tasks import TASKS, load_rows, resolve_tasks, score
+from asymoe.eval.tasks import TASKS, load_task_rows, resolve_tasks, score
 from asymoe.finetune.data import SHORT_ANSWER_PROMPT
-from asymoe import AsyMoEForConditionalGeneration
-from asymoe.tiny import build_tokenizer, tiny_config, tiny_llava, tiny_processor
-
 from fixtures_eval import ROWS, write_fixtures
+
+from asymoe import AsyMoEForConditionalGeneration
+from asymoe.cli import main as cli_main
+from asymoe.tiny import build_tokenizer, tiny_config, tiny_llava, tiny_processor
 
 WORDS = grounding_vocabulary() + easy_vqa_vocabulary() + SHORT_ANSWER_PROMPT.split() + "yes no A B C".split()
 
@@ -85,7 +84,7 @@ CRAFTED = {
 def test_scoring_matches_hand_computed(setup, name):
     root, data = setup
     task = TASKS[name]
-    rows = list(load_rows(task, data[name]))
+    rows = list(load_task_rows(task, data[name]))
     predictions, expected = CRAFTED[name]
     result = score(task, predictions, rows)
     for key, value in expected.items():
@@ -95,7 +94,7 @@ def test_scoring_matches_hand_computed(setup, name):
 def test_grounding_breakdown(setup):
     root, data = setup
     task = TASKS["grounding_hierarchy"]
-    rows = list(load_rows(task, data["grounding"]))
+    rows = list(load_task_rows(task, data["grounding"]))
     predictions = [r["answer"] if r["level"] == "leaf" else "wrong" for r in rows]
     result = score(task, predictions, rows)
     assert result["exact_match"] == 0.5
@@ -110,7 +109,7 @@ def test_model_card_and_errors(setup, tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
         resolve_tasks(["vqa"])
     with pytest.raises(ValueError, match="--data grounding=PATH"):
-        load_rows(TASKS["grounding_prior"], None)
+        load_task_rows(TASKS["grounding_prior"], None)
     assert cli_main(["eval", str(root / "asymoe"), "--tasks", "nope", "--output", str(tmp_path)]) == 2
     assert cli_main(["eval", str(root / "asymoe"), "--tasks", "gqa", "--data", "vqav2=x", "--output",
                      str(tmp_path)]) == 2
@@ -133,10 +132,19 @@ def test_broken_cache_stops_the_run(setup):
     forward = model.forward
 
     @functools.wraps(forward)  # `generate` checks its inputs against the forward's signature
-    def forgetful(*args, cache=None, past_key_values=None, **kwargs):
-        return forward(*args, **kwargs)
+    def forgetful(*args, cache=None, past_key_values=None, attention_mask=None, **kwargs):
+        # Decoding steps without their history (and a mask cut to match, so no shape check notices).
+        length = kwargs["input_ids"].shape[1]
+        return forward(*args, attention_mask=None if attention_mask is None else attention_mask[:, -length:], **kwargs)
 
     model.forward = forgetful
     with pytest.raises(CachedGenerationMismatch, match="differ from answers without it"):
         evaluate_model(model, processor, ["grounding"], data, limit=4, batch_size=4, max_new_tokens=6,
                        progress=False)
+
+
+def test_missing_model_directory_is_a_clear_error(setup, tmp_path, capsys):
+    root, data = setup
+    missing = tmp_path / "no-such-model"
+    assert cli_main(["eval", str(missing), "--tasks", "grounding", "--data", f"grounding={data['grounding']}"]) == 2
+    assert f"MODEL {missing}: no such directory" in capsys.readouterr().err

@@ -188,7 +188,7 @@ def test_compiled_grouped_mm_agrees_with_eager(manifold, num_tokens, kernel, mon
 
 @pytest.mark.parametrize("value", [-1, 2.5, None])
 def test_gather_threshold_is_validated(value):
-    with pytest.raises(ValueError, match="experts_gather_max_tokens must be an int >= 0"):
+    with pytest.raises(ValueError, match="experts_gather_max_tokens must be an integer >= 0"):
         text_config(experts_gather_max_tokens=value)
 
 

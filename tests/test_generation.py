@@ -89,7 +89,7 @@ def test_cache_under_either_name_and_tuple_outputs(lively, make_inputs):
         torch.testing.assert_close(as_tuple[1], as_dict.logits)
         base = lively.model(**prompt, return_dict=False)
         assert isinstance(base, tuple)
-        torch.testing.assert_close(base[-1], lively.model(**prompt).image_hidden_states)
+        torch.testing.assert_close(base[0], lively.model(**prompt).last_hidden_state)
 
 
 def test_generated_image_tokens_are_text(lively, make_inputs):

@@ -338,6 +338,24 @@ def test_model_rejects_mismatched_images(make_model, make_inputs):
         model(input_ids=one["input_ids"], pixel_values=one["pixel_values"][0])
 
 
+def test_model_rejects_misshapen_masks(make_model, make_inputs):
+    """A mask or token types that do not cover the inputs stop the forward with the shapes and the fix, instead of
+    changing the logits silently (a short attention_mask) or failing somewhere else."""
+    model = make_model("asymoe")
+    inputs = make_inputs([PROMPT_A, PROMPT_B])
+    length = inputs["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=rf"attention_mask has shape \[2, {length - 3}\].*need \[2, {length}\]"):
+        model(**{**inputs, "attention_mask": inputs["attention_mask"][:, 3:]})
+    with pytest.raises(ValueError, match=r"attention_mask has shape \[1, "):
+        model(**{**inputs, "attention_mask": inputs["attention_mask"][:1]})
+    types = (inputs["input_ids"] == model.config.image_token_id).long()
+    with pytest.raises(ValueError, match=rf"mm_token_type_ids has shape \[2, {length - 1}\].*one type per input"):
+        model(**inputs, mm_token_type_ids=types[:, 1:])
+    with torch.no_grad():  # longer types (the whole sequence's, as older transformers pass) are cut to the inputs
+        longer = torch.cat([torch.zeros_like(types[:, :2]), types], dim=1)
+        torch.testing.assert_close(model(**inputs, mm_token_type_ids=longer).logits, model(**inputs).logits)
+
+
 def test_processor_rejects_mismatched_images(processor):
     with pytest.raises(ValueError, match=r"2 '<image>' placeholder\(s\) but 1 image"):
         processor(images=[make_image()], text="<image> <image> what ?")
@@ -345,6 +363,22 @@ def test_processor_rejects_mismatched_images(processor):
         processor(images=make_image(), text="what color ?")
     with pytest.raises(ValueError, match=r"1 '<image>' placeholder\(s\) but 0 image"):
         processor(text="<image> what color ?")
+
+
+def test_processor_checks_per_text_image_lists(processor):
+    """One list of images per text must match that text's placeholders (a flat count could hand an image to the
+    wrong sample); a data set column or any other sequence of lists works like lists."""
+    texts = ["<image> <image> what ?", "<image> what ?"]
+    a, b, c = make_image(0), make_image(1), make_image(2)
+    with pytest.raises(ValueError, match=r"text 0 holds 2 '<image>' placeholder\(s\) but its list holds 1"):
+        processor(images=[[a], [b, c]], text=texts)
+    with pytest.raises(ValueError, match="images holds 3 lists for 2 text"):
+        processor(images=[[a], [b], [c]], text=texts)
+    nested = processor(images=[[a, b], [c]], text=texts, padding=True, return_tensors="pt")
+    flat = processor(images=[a, b, c], text=texts, padding=True, return_tensors="pt")
+    assert torch.equal(nested["pixel_values"], flat["pixel_values"])
+    column = processor(images=(image for image in [[a, b], [c]]), text=texts, padding=True, return_tensors="pt")
+    assert torch.equal(column["pixel_values"], flat["pixel_values"])
 
 
 @pytest.mark.parametrize(
@@ -360,8 +394,28 @@ def test_processor_rejects_mismatched_images(processor):
         ("switch", {}, "moe_variant='switch' is not one of"),
         ("vanilla", {"num_vision_experts": 1}, "one shared expert pool"),
         ("modality", {"num_inter_experts": 1}, "has only vision and text experts"),
+        ("asymoe", {"curvature": float("nan")}, r"curvature must be a number in \[1e-06, 1e\+06\] \(got nan\)"),
+        ("asymoe", {"curvature": float("inf")}, r"curvature must be a number in .*\(got inf\)"),
+        ("asymoe", {"curvature": 710.0 * 2000}, r"curvature must be a number in .*above it they saturate"),
+        ("asymoe", {"curvature": 1e-40}, r"curvature .*set hyperbolic_inter=False"),
+        ("asymoe", {"hyperbolic_scale": 0.0}, "hyperbolic_scale must be a finite number > 0"),
+        ("asymoe", {"moe_intermediate_size": 0}, r"moe_intermediate_size must be an integer >= 1 \(got 0\)"),
+        ("asymoe", {"num_experts_per_tok": 2.5}, r"num_experts_per_tok must be an integer >= 1 \(got 2.5\)"),
+        ("asymoe", {"num_inter_experts": -1}, r"num_inter_experts must be an integer >= 0"),
+        ("asymoe", {"router_bias_update_rate": float("inf")}, "router_bias_update_rate must be a finite number"),
     ],
 )
 def test_invalid_configs_raise(variant, overrides, message, tokenizer):
     with pytest.raises(ValueError, match=message):
         tiny_config(tokenizer, variant, **overrides)
+
+
+@pytest.mark.parametrize("curvature", [1e-6, 800.0, 1e6])
+def test_curvature_at_the_ends_of_its_range_trains(curvature, make_model, make_inputs):
+    """The extremes the config accepts give a finite loss and finite gradients (before the check, 710 overflowed
+    softplus^-1 and 1e-40 gave NaN gradients)."""
+    model = wake(make_model("asymoe", curvature=curvature)).train()
+    inputs, labels = train_batch(make_inputs)
+    model(**inputs, labels=labels).loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is None or torch.isfinite(param.grad).all(), name
