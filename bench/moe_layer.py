@@ -42,6 +42,8 @@ def text_config(args, **overrides) -> AsyMoETextConfig:
         moe_variant="asymoe", num_vision_experts=vision, num_text_experts=text, num_inter_experts=inter,
         num_evidence_experts=0, num_experts_per_tok=args.top_k,
     )
+    if args.compile:  # the balancing's load count runs outside compiled graphs (a graph break fullgraph refuses)
+        fields["router_bias_update_rate"] = 0.0
     fields.update(overrides)
     config = AsyMoETextConfig(**fields)
     config._experts_implementation = args.experts_implementation

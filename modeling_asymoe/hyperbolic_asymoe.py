@@ -323,9 +323,8 @@ class _MobiusBias(torch.autograd.Function):
     """Rows start:stop of u [R, D] <- A·u + B·beta_row in place, with biases `table` [n, D] chosen by `index` (-1: row
     left unchanged); the other rows are untouched. The backward keeps the output (which the next op keeps anyway),
     never the input: u is recovered as (out - B·beta_row) / A, and the per-row scalars' derivatives come from
-    `_coefficients` run again on them with the cotangents (a [rows, 1] computation). Working on
-    the whole tensor rather than on a view of the rows spares autograd's copies of the gradient around an in-place
-    op on a view."""
+    `_coefficients` run again on them with the cotangents (a [rows, 1] computation). Working on the whole tensor
+    rather than on a view of the rows spares autograd's copies of the gradient around an in-place op on a view."""
 
     @staticmethod
     def forward(ctx, u, table, scale, c, index, manifold, residual, start, stop):
