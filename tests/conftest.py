@@ -28,6 +28,11 @@ WORDS = "what color shape is the a red blue green yellow circle square triangle 
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The libraries whose deprecations our code must act on. Not torch: tracing under torch.compile, torch warns about
+# its own internals (dynamo instantiating an autograd.Function), and the first frame outside torch is the caller.
+WATCHED = {"transformers", "trl", "peft", "accelerate", "datasets", "evaluate", "huggingface_hub", "PIL"}
+
+
 def _package(frame) -> str:
     return frame.f_globals.get("__name__", "").split(".")[0]
 
@@ -53,15 +58,15 @@ class DeprecationOnOurPath(Exception):
 
 
 def _fail_deprecations_on_our_code_path() -> None:
-    """Turn every deprecation that a library raises on this repository's code paths into an error: Python warnings
-    (FutureWarning, DeprecationWarning; transformers' `deprecate_kwarg` among them) and transformers' logged ones
-    ("... is deprecated ..." through `logger.warning_once`). Deprecations a third-party library triggers in its own
-    calls (TRL or PEFT using a transformers name that transformers deprecated) stay ordinary warnings."""
+    """Turn every deprecation that a `WATCHED` library raises on this repository's code paths into an error: Python
+    warnings (FutureWarning, DeprecationWarning; transformers' `deprecate_kwarg` among them) and transformers' logged
+    ones ("... is deprecated ..." through `logger.warning_once`). Deprecations a third-party library triggers in its
+    own calls (TRL or PEFT using a transformers name that transformers deprecated) stay ordinary warnings."""
     original_warn = warnings.warn
 
     def warn(message, category=None, stacklevel=1, source=None, **kwargs):
         category = type(message) if isinstance(message, Warning) else (category or UserWarning)
-        if issubclass(category, (FutureWarning, DeprecationWarning)):
+        if issubclass(category, (FutureWarning, DeprecationWarning)) and _package(sys._getframe(1)) in WATCHED:
             caller = _on_our_code_path(sys._getframe(1))
             if caller is not None:
                 raise DeprecationOnOurPath(f"{caller} uses a deprecated API: {message}")

@@ -4,9 +4,7 @@ respects modality reachability, and the load-balancing / z losses match hand-com
 
 from __future__ import annotations
 
-import _warnings
 import math
-import warnings
 
 import pytest
 import torch
@@ -161,9 +159,6 @@ def test_compiled_grouped_mm_agrees_with_eager(manifold, num_tokens, kernel, mon
     """Compiled (`fullgraph=True`: no graph break, no host sync), `grouped_mm` maps every row with the identity for
     the other groups instead of reading the inter rows' bounds, and calls of at most `experts_gather_max_tokens`
     tokens take the gather kernel; values and gradients equal the eager loop's either way."""
-    # Tracing an autograd.Function with gradients, dynamo instantiates Function itself and torch warns about that
-    # (a torch-internal deprecation, which the conftest's hook would pin on this test): the stock warn here.
-    monkeypatch.setattr(warnings, "warn", _warnings.warn)
     gathered = []
     gather = modeling_asymoe.asymoe_batched_mm_experts_forward
     monkeypatch.setattr(modeling_asymoe, "asymoe_batched_mm_experts_forward",
