@@ -1,6 +1,6 @@
 """Hyperbolic maps of the inter-modality experts (`hyperbolic_asymoe`): exp/log round trips and closed forms, Möbius
-addition and Lorentz boosts, finite values and gradients for any tangent norm (fp32 and bf16 autocast), and the
-Möbius bias at and around beta = 0."""
+addition and Lorentz boosts, finite values and gradients for tangent norms up to 1e18 (fp32 and bf16 autocast), and
+the Möbius bias at and around beta = 0."""
 
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def test_unknown_manifold_raises():
 
 # --- mobius_bias: finiteness ------------------------------------------------------------------------------------
 
-HUGE_NORMS = [0.0, 1e-8, 1e-3, 0.5, 1.0, 5.0, 10.0, 100.0, 1e3, 1e4]
+HUGE_NORMS = [0.0, 1e-8, 1e-3, 0.5, 1.0, 5.0, 10.0, 100.0, 1e3, 1e4, 1e8, 1e12, 1e16, 1e18]
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
@@ -168,8 +168,9 @@ HUGE_NORMS = [0.0, 1e-8, 1e-3, 0.5, 1.0, 5.0, 10.0, 100.0, 1e3, 1e4]
 @pytest.mark.parametrize("manifold", MANIFOLDS)
 @pytest.mark.parametrize("beta_norm", [0.0, 1e-3, 1.0, 10.0, 1e4])
 def test_mobius_bias_finite_values_and_gradients(manifold, residual, autocast, beta_norm):
-    """Outputs and gradients wrt u, beta, scale and curvature are finite for tangent norms 0..1e4 (zero rows included),
-    in fp32 and with bf16 inputs under CPU autocast; the output keeps u's dtype."""
+    """Outputs and gradients wrt u, beta, scale and curvature are finite for tangent norms 0..1e18 (zero rows
+    included), in fp32 and with bf16 inputs under CPU autocast; the output keeps u's dtype. (Beyond ~1.8e19 a row's
+    squared norm overflows fp32: docs/design.md.)"""
     dtype = torch.bfloat16 if autocast else torch.float32
     u = torch.cat([tangents(HUGE_NORMS, seed=s) for s in range(3)]).to(dtype).requires_grad_()
     beta = tangents([beta_norm], seed=7)[0].to(dtype).requires_grad_()
