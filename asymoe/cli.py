@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
+# The `--dtype` names of every command and bench.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def _demo(args: argparse.Namespace) -> int:
     """The main job: grounding data → dense LLaVA → upcycled MoE variants → TRL fine-tuning → evaluation → report."""

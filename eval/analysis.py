@@ -23,10 +23,10 @@ import torch
 from PIL import Image, ImageStat
 from tqdm.auto import tqdm
 
+from ..cli import DTYPES
 from ..finetune.data import vqa_messages
 from ..io import atomic_write_text
 from ..routing import GROUP_COLOURS, RoutingStatistics, plot_routing
-from .runner import DTYPES
 
 BLANKS = ("mean", "zero")
 

@@ -17,8 +17,8 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from ..cli import DTYPES
 from .generation import chat_prompts, generate_batch, model_inputs
-from .runner import DTYPES
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # as lmms-eval's Hugging Face models, for tasks that set none
 

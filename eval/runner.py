@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..cli import DTYPES
 from ..io import atomic_write_text
 from .generation import CachedGenerationMismatch, generate_batch
 from .tasks import TASKS, Task, load_task_rows, resolve_tasks, score
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @torch.no_grad()
