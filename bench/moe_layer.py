@@ -22,14 +22,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from asymoe.configuration import AsyMoETextConfig
-from asymoe.modeling.modeling_asymoe import AsyMoEMLP, AsyMoESparseBlock
 from transformers import MixtralConfig, Qwen3MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from asymoe.benchmarking import interleaved_median_seconds, peak_memory_mib, write_bench_record
 from asymoe.cli import DTYPES
+from asymoe.configuration import AsyMoETextConfig
+from asymoe.modeling.modeling_asymoe import AsyMoEMLP, AsyMoESparseBlock
 
 
 def text_config(args, **overrides) -> AsyMoETextConfig:
