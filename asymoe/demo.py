@@ -17,6 +17,7 @@ the same stages over seeds and ablations.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -283,3 +284,19 @@ def write_report(root: Path, config: ComparisonConfig, results: dict, timings: d
         "Configuration: `" + json.dumps(asdict(config)) + "`", "",
     ]
     return atomic_write_text(root / "report.md", "\n".join(lines))
+
+
+def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """`asymoe demo`'s arguments, on `parser` (the `asymoe` subcommand's) or a new parser."""
+    parser = parser or argparse.ArgumentParser(prog="asymoe demo", description=__doc__)
+    parser.add_argument("--output", default="outputs/demo", help="working directory (default: %(default)s); "
+                        "finished stages in it are reused")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """The main job: grounding data → dense LLaVA → upcycled MoE variants → TRL fine-tuning → evaluation → report."""
+    outcome = run_comparison(ComparisonConfig(output=args.output, seed=args.seed))
+    print(f"report: {outcome['report']}")
+    return 0

@@ -343,7 +343,9 @@ def _model_names(models: list[str]) -> list[str]:
     raise ValueError(f"the same model is given twice: {models}.")
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """`asymoe analyze`'s arguments, on `parser` (the `asymoe` subcommand's) or a new parser."""
+    parser = parser or argparse.ArgumentParser(prog="asymoe analyze", description=__doc__)
     parser.add_argument("models", metavar="MODEL", nargs="+", help="model directories or Hub ids (AsyMoE or LLaVA)")
     parser.add_argument("--data", required=True, metavar="DIR_OR_DATASET",
                         help="`asymoe grounding` directory, a save_to_disk Dataset directory, or easy_vqa")
@@ -356,9 +358,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="outputs/analysis", help="results directory (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES)
+    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Analyse each MODEL on the data; write analysis.json and the plots."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -280,7 +280,9 @@ def statistics(dataset) -> dict[str, dict]:
     return result
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """`asymoe grounding`'s arguments, on `parser` (the `asymoe` subcommand's) or a new parser."""
+    parser = parser or argparse.ArgumentParser(prog="asymoe grounding", description=__doc__)
     defaults = GroundingConfig()
     parser.add_argument("output", metavar="OUTPUT_DIR", help="directory to write the data set to (save_to_disk)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -291,9 +293,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-size", type=int, default=defaults.train_size)
     parser.add_argument("--validation-size", type=int, default=defaults.validation_size)
     parser.add_argument("--test-size", type=int, default=defaults.test_size, help="rows of each test split")
+    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Generate the grounding benchmark and print its statistics."""
     try:
         config = GroundingConfig(

@@ -93,7 +93,9 @@ def update_model_card(model_dir: str | os.PathLike, results: dict, model_name: s
     return path
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """`asymoe eval`'s arguments, on `parser` (the `asymoe` subcommand's) or a new parser."""
+    parser = parser or argparse.ArgumentParser(prog="asymoe eval", description=__doc__)
     parser.add_argument("model", metavar="MODEL", help="model directory or Hub id (any image-text-to-text model)")
     parser.add_argument("--tasks", required=True,
                         help=f"comma-separated tasks or groups (grounding, standard); tasks: {', '.join(TASKS)}")
@@ -106,9 +108,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--update-model-card", action="store_true", help="write model-index into MODEL/README.md")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES)
+    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Evaluate MODEL on the tasks and write results.json + results.md."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 from trl import DPOConfig, DPOTrainer, ModelConfig, ScriptArguments, TrlParser
 
 from ..eval.grounding import prior_answer
-from .data import DataScriptArguments, convert_rows, default_image_folder, image_storage, llava_messages, load_split, vqa_messages
+from .data import (
+    DataScriptArguments,
+    convert_rows,
+    default_image_folder,
+    image_storage,
+    llava_messages,
+    load_split,
+    vqa_messages,
+)
 from .lora import LoraScriptArguments, script_peft
 
 PREFERENCE_FORMATS = ("preference", "grounding")
