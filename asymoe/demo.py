@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write_text
+from .io import atomic_directory, atomic_write_text
 
 CHANCE = {"color": 1 / 6, "color_family": 1 / 2, "shape": 1 / 6, "shape_family": 1 / 3}
 RECIPE = Path(importlib.import_module("asymoe.configuration").__file__).parent / "recipes" / "sft_tiny.yaml"
@@ -77,16 +75,11 @@ class ComparisonConfig:
 
 
 def _stage(target: Path, build: Callable[[Path], None]) -> Path:
-    """Run `build(tmp)` into a temporary sibling and move it onto `target`; skip when `target` exists."""
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(temporary)
-        os.replace(temporary, target)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    """Run `build(tmp)` into a temporary sibling published as `target` (`atomic_directory`); skip when `target`
+    exists."""
+    if not target.exists():
+        with atomic_directory(target) as temporary:
+            build(temporary)
     return target
 
 

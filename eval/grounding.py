@@ -15,14 +15,14 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from ..io import atomic_directory
 
 COLOURS = {
     "red": (214, 39, 40), "orange": (255, 127, 14), "yellow": (237, 201, 40),
@@ -234,19 +234,13 @@ def build_grounding(config: GroundingConfig | None = None):
 
 
 def save_grounding(dataset, directory: str | os.PathLike, config: GroundingConfig | None = None) -> Path:
-    """Write with `save_to_disk` into a temporary sibling, then move it onto `directory` (never half-written)."""
+    """Write with `save_to_disk` into a temporary sibling, then publish it as `directory`, replacing what was there
+    (`atomic_directory`: never half-written, the old data kept until the new is complete)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        dataset.save_to_disk(str(temporary / "data"))
+    with atomic_directory(directory, overwrite=True) as temporary:
+        dataset.save_to_disk(str(temporary))
         if config is not None:
-            (temporary / "data" / "grounding_config.json").write_text(json.dumps(asdict(config), indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(temporary / "data", directory)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+            (temporary / "grounding_config.json").write_text(json.dumps(asdict(config), indent=2))
     return directory
 
 
