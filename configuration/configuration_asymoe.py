@@ -200,7 +200,7 @@ class AsyMoETextConfig(PreTrainedConfig):
         learn_curvature: bool = True,
         hyperbolic_scale: float | None = None,
         mobius_residual: bool = True,
-        router_bias_update_rate: float = 1e-2,
+        router_bias_update_rate: float = 1e-3,
         output_router_logits: bool = False,
         router_aux_loss_coef: float = 0.0,
         router_z_loss_coef: float = 0.0,

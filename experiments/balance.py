@@ -29,8 +29,8 @@ from asymoe.tiny import build_tokenizer, tiny_config, tiny_processor
 
 METHODS = {
     "none": {"router_bias_update_rate": 0.0},
-    "loss-free 1e-3": {"router_bias_update_rate": 1e-3},
-    "loss-free 1e-2 (default)": {"router_bias_update_rate": 1e-2},
+    "loss-free 1e-3 (default)": {"router_bias_update_rate": 1e-3},
+    "loss-free 1e-2": {"router_bias_update_rate": 1e-2},
     "Switch loss 0.01": {"router_bias_update_rate": 0.0, "router_aux_loss_coef": 0.01, "output_router_logits": True},
 }
 
