@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 
 from asymoe import AsyMoEForConditionalGeneration
 from asymoe.configuration import AsyMoETextConfig, ExpertLayout
@@ -152,8 +154,18 @@ def test_implementations_agree(manifold, residual, with_evidence, routing):
         assert_grads_close(grads, grads_ref)
 
 
+# transformers < 5.23: the CPU grouped-GEMM fallback's backward reads the offsets on the host (Tensor.tolist),
+# which a fullgraph compile cannot trace; 5.23 made it a traceable custom op.
+_GROUPED_BACKWARD_TRACEABLE = pytest.mark.skipif(
+    Version(transformers.__version__) < Version("5.23.0"),
+    reason="transformers < 5.23: its CPU grouped-GEMM fallback's backward cannot be compiled with fullgraph=True",
+)
+
+
 @pytest.mark.parametrize("manifold, num_tokens, kernel", [
-    ("poincare", 24, "grouped GEMM"), ("lorentz", 24, "grouped GEMM"), ("poincare", 3, "gather"),
+    pytest.param("poincare", 24, "grouped GEMM", marks=_GROUPED_BACKWARD_TRACEABLE),
+    pytest.param("lorentz", 24, "grouped GEMM", marks=_GROUPED_BACKWARD_TRACEABLE),
+    ("poincare", 3, "gather"),
 ])
 def test_compiled_grouped_mm_agrees_with_eager(manifold, num_tokens, kernel, monkeypatch):
     """Compiled (`fullgraph=True`: no graph break, no host sync), `grouped_mm` maps every row with the identity for
