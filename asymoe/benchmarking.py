@@ -1,4 +1,4 @@
-"""What the benchmark scripts in `bench/` share: the timing loop, peak memory of one call on CPUs and GPUs, and their
+"""What the benchmark scripts in `bench/` share: the timing loops, peak memory of one call on CPUs and GPUs, and their
 JSON record."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 import torch
@@ -28,16 +28,24 @@ def synchronize(device: torch.device) -> None:
 def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> float:
     """Median wall time of `fn()` over `repeat` calls after `warmup` untimed ones, each timed from an idle device to
     the end of its work."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_median_seconds({None: fn}, device, warmup, repeat)[None]
+
+
+def interleaved_median_seconds(
+    fns: dict[Hashable, Callable[[], object]], device: torch.device, warmup: int, repeat: int
+) -> dict[Hashable, float]:
+    """`median_seconds` of several functions timed in turn: each of `warmup` + `repeat` rounds calls every function
+    once, so load that drifts during a run (a shared machine) slows all of them alike and their ratios hold."""
+    times = {key: [] for key in fns}
+    for round_ in range(warmup + repeat):
+        for key, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if round_ >= warmup:
+                times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(samples) for key, samples in times.items()}
 
 
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:

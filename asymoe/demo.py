@@ -17,11 +17,10 @@ the same stages over seeds and ablations.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write_text
+from .io import atomic_directory, atomic_write_text
 
 CHANCE = {"color": 1 / 6, "color_family": 1 / 2, "shape": 1 / 6, "shape_family": 1 / 3}
 RECIPE = Path(importlib.import_module("asymoe.configuration").__file__).parent / "recipes" / "sft_tiny.yaml"
@@ -76,16 +75,11 @@ class ComparisonConfig:
 
 
 def _stage(target: Path, build: Callable[[Path], None]) -> Path:
-    """Run `build(tmp)` into a temporary sibling and move it onto `target`; skip when `target` exists."""
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(temporary)
-        os.replace(temporary, target)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    """Run `build(tmp)` into a temporary sibling published as `target` (`atomic_directory`); skip when `target`
+    exists."""
+    if not target.exists():
+        with atomic_directory(target) as temporary:
+            build(temporary)
     return target
 
 
@@ -138,8 +132,7 @@ def _build_dense(data: Path, config: ComparisonConfig, target: Path) -> None:
 def _upcycle_variant(dense: Path, overrides: dict, config: ComparisonConfig, target: Path) -> None:
     from .upcycling import upcycle
 
-    upcycle(dense, target / "model", mode="copy", seed=config.seed, noise_std=config.noise_std,
-            output_router_logits=True, **overrides)
+    upcycle(dense, target / "model", mode="copy", seed=config.seed, noise_std=config.noise_std, **overrides)
 
 
 def _print(message: str) -> None:
@@ -284,3 +277,19 @@ def write_report(root: Path, config: ComparisonConfig, results: dict, timings: d
         "Configuration: `" + json.dumps(asdict(config)) + "`", "",
     ]
     return atomic_write_text(root / "report.md", "\n".join(lines))
+
+
+def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """`asymoe demo`'s arguments, on `parser` (the `asymoe` subcommand's) or a new parser."""
+    parser = parser or argparse.ArgumentParser(prog="asymoe demo", description=__doc__)
+    parser.add_argument("--output", default="outputs/demo", help="working directory (default: %(default)s); "
+                        "finished stages in it are reused")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """The main job: grounding data → dense LLaVA → upcycled MoE variants → TRL fine-tuning → evaluation → report."""
+    outcome = run_comparison(ComparisonConfig(output=args.output, seed=args.seed))
+    print(f"report: {outcome['report']}")
+    return 0

@@ -13,20 +13,27 @@ import torch
 import torch.nn.functional as F
 
 from .io import atomic_save_figure
+from .modeling.modeling_asymoe import reach_masks
 
 MODALITIES = ("image", "text")
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass now (where gradient checkpointing re-runs forwards)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class RoutingStatistics:
     """Per MoE layer and modality: tokens seen, top-k slots per expert, mean normalised router entropy.
 
-    Routing is recomputed from the router logits exactly as the model routes: softmax over the experts the
-    modality may reach, then top-k. Entropy is divided by log(#reachable experts): 1 = uniform, 0 = one expert.
+    `track(model)` hooks the routers, so the counts are the routers' own choices (`select_experts`, load-balancing
+    bias included), padding excluded, whatever calls the model (a TRL training step through its fused LM head, an
+    evaluation loop). Entropy of the softmax over the experts a token may reach, divided by log(#reachable):
+    1 = uniform, 0 = one expert.
     """
 
     def __init__(self, config):
         text_config = config.get_text_config()
-        self.top_k = text_config.num_experts_per_tok
         self.layers = list(text_config.moe_layers)
         self.layouts = [text_config.expert_layout(layer) for layer in self.layers]
         self.reset()
@@ -36,68 +43,45 @@ class RoutingStatistics:
         self.slots = [torch.zeros(2, layout.num_experts, dtype=torch.long) for layout in self.layouts]
         self.entropy = torch.zeros(len(self.layers), 2, dtype=torch.float64)
 
-    def _reach(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        layout = self.layouts[index]
-        groups = layout.group_slices()
-        masks = []
-        for names in (("vision", "inter"), ("text", "inter", "evidence")):
-            mask = torch.zeros(layout.num_experts, dtype=torch.bool)
-            for name in names:
-                if name in groups:
-                    mask[groups[name]] = True
-            masks.append(mask)
-        return masks[0], masks[1]
-
     @torch.no_grad()
-    def update(
-        self, router_logits: tuple[torch.Tensor, ...], image_mask: torch.Tensor, valid: torch.Tensor | None = None
-    ) -> None:
-        """Add one forward: router logits [N, E] per MoE layer, image_mask and valid (non-padding) [batch, seq]."""
-        if len(router_logits) != len(self.layers):
-            raise ValueError(f"got router logits of {len(router_logits)} layers, the model has {len(self.layers)} "
-                             "MoE layers: pass the `router_logits` of a forward with output_router_logits=True.")
+    def record(self, index: int, logits: torch.Tensor, top_index: torch.Tensor, image_mask: torch.Tensor,
+               token_mask: torch.Tensor | None = None) -> None:
+        """Add one router call of MoE layer number `index`: logits [N, E], chosen experts [N, k], image_mask and
+        token_mask (non-padding; `None`: all) [N]."""
+        logits, top_index = logits.detach().float().cpu(), top_index.cpu()
         image_mask = image_mask.reshape(-1).cpu()
-        valid = torch.ones_like(image_mask) if valid is None else valid.reshape(-1).bool().cpu()
-        for index, logits in enumerate(router_logits):
-            logits = logits.detach().float().cpu()
-            for modality, reach in enumerate(self._reach(index)):
-                rows = valid & (image_mask == (modality == 0))
-                count = int(rows.sum())
-                if count == 0 or not bool(reach.any()):
-                    continue
-                masked = logits[rows].masked_fill(~reach, float("-inf"))
-                probs = F.softmax(masked, dim=-1)
-                chosen = torch.topk(masked, min(self.top_k, int(reach.sum())), dim=-1).indices
-                self.slots[index][modality] += torch.bincount(chosen.reshape(-1), minlength=reach.numel())
-                entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-                norm = math.log(int(reach.sum())) if int(reach.sum()) > 1 else 1.0
-                self.entropy[index, modality] += float(entropy.sum()) / norm
-                self.tokens[index, modality] += count
+        valid = torch.ones_like(image_mask) if token_mask is None else token_mask.reshape(-1).bool().cpu()
+        for modality, reach in enumerate(reach_masks(self.layouts[index], "cpu")):
+            rows = valid & (image_mask == (modality == 0))
+            count = int(rows.sum())
+            if count == 0:
+                continue
+            self.slots[index][modality] += torch.bincount(top_index[rows].reshape(-1), minlength=reach.numel())
+            probs = F.softmax(logits[rows].masked_fill(~reach, float("-inf")), dim=-1)
+            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+            reachable = int(reach.sum())
+            self.entropy[index, modality] += float(entropy.sum()) / (math.log(reachable) if reachable > 1 else 1.0)
+            self.tokens[index, modality] += count
 
-    def track(self, model) -> torch.utils.hooks.RemovableHandle:
-        """Update from every forward of `model` that returns router logits (e.g. TRL training steps).
+    def track(self, model) -> list[torch.utils.hooks.RemovableHandle]:
+        """Record every router call of `model`'s MoE blocks (in layer order) from now on; returns the hook handles
+        (`.remove()` each to stop). Recomputations inside a backward pass (gradient checkpointing) are not counted
+        twice."""
+        blocks = model.moe_blocks()
+        if len(blocks) != len(self.layers):
+            raise ValueError(f"the model has {len(blocks)} MoE blocks, these statistics are for {len(self.layers)} "
+                             "MoE layers: build RoutingStatistics from the model's own config.")
 
-        Returns the hook handle: call `.remove()` to stop.
-        """
-        image_token_id = model.config.image_token_id
+        def hook_for(index):
+            def hook(router, args, output):
+                if _in_backward():
+                    return
+                hidden_states, image_mask, *rest = args
+                logits, _, top_index = output
+                self.record(index, logits, top_index, image_mask, rest[0] if rest else None)
+            return hook
 
-        def hook(module, args, kwargs, output):
-            logits = getattr(output, "router_logits", None)
-            if not logits:
-                return
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            types = kwargs.get("mm_token_type_ids")
-            if types is not None:
-                image_mask = types == 1
-            elif input_ids is not None:
-                image_mask = input_ids == image_token_id
-            else:
-                return
-            mask = kwargs.get("attention_mask")
-            valid = mask[:, -image_mask.shape[1]:] if mask is not None and mask.ndim == 2 else None
-            self.update(logits, image_mask, valid)
-
-        return model.register_forward_hook(hook, with_kwargs=True)
+        return [block.router.register_forward_hook(hook_for(index)) for index, block in enumerate(blocks)]
 
     def all_reduce(self, device: torch.device | str = "cpu") -> None:
         """Sum the counts over the processes of `torch.distributed`'s default group (nothing without one), so that
@@ -115,7 +99,8 @@ class RoutingStatistics:
 
     def summary(self) -> list[dict]:
         """One dict per MoE layer: for each modality, tokens, the share of top-k slots per group and per expert,
-        and the mean normalised router entropy (None where the modality sent no tokens)."""
+        the imbalance (the most loaded reachable expert's share over the mean share of the reachable experts:
+        1 = balanced) and the mean normalised router entropy (None where the modality sent no tokens)."""
         layers = []
         for index, (layer, layout) in enumerate(zip(self.layers, self.layouts)):
             entry = {"layer": layer}
@@ -124,12 +109,14 @@ class RoutingStatistics:
                 slots = self.slots[index][modality].double()
                 total = float(slots.sum())
                 load = (slots / total).tolist() if total else [0.0] * layout.num_experts
+                reachable = [load[expert] for expert in layout.reachable(name)]
                 entry[name] = {
                     "tokens": tokens,
                     "group_load": {
                         group: sum(load[span]) for group, span in layout.group_slices().items()
                     },
                     "expert_load": load,
+                    "imbalance": max(reachable) * len(reachable) if tokens else None,
                     "entropy": float(self.entropy[index, modality]) / tokens if tokens else None,
                 }
             layers.append(entry)
@@ -145,6 +132,7 @@ class RoutingStatistics:
                     continue
                 base = f"{prefix}/L{entry['layer']}/{modality}"
                 scalars.update({f"{base}/{group}": load for group, load in stats["group_load"].items()})
+                scalars[f"{base}/imbalance"] = stats["imbalance"]
                 scalars[f"{base}/entropy"] = stats["entropy"]
         return scalars
 

@@ -21,9 +21,9 @@ from PIL import Image
 
 from asymoe import AsyMoEForConditionalGeneration
 from asymoe.benchmarking import median_seconds, write_bench_record
+from asymoe.cli import DTYPES
 from asymoe.tiny import build_tokenizer, tiny_llava
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ("dense", "vanilla", "modality", "asymoe")
 
 

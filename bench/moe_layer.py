@@ -4,10 +4,12 @@ Euclidean expert.
 
 Each case runs forward and forward+backward on the same tokens (a share of them image tokens, as in LLaVA), with
 balanced routing (random routers) and skewed routing (one reachable expert per modality favoured by ~6 logits).
-Time is the median of `--repeat` runs after `--warmup` (CUDA: synchronised; CPU: wall clock); peak memory is the
-most allocated above what was allocated before one more run (CUDA: the allocator's peak; CPU: the torch profiler's
+Time is the median of `--repeat` rounds after `--warmup`, each round running every case of a routing once in turn, so
+that load drifting during the run hits all cases alike (CUDA: synchronised; CPU: wall clock); peak memory is the most
+allocated above what was allocated before one more run (CUDA: the allocator's peak; CPU: the torch profiler's
 allocation events), i.e. activations and transients. `--compile` runs every module through `torch.compile`
-(inductor, fullgraph). Prints ratios to the dense FFN and writes JSON.
+(inductor, fullgraph). Prints ratios to the dense FFN and to transformers' Mixtral block (the peer at the same
+expert count), and writes JSON.
 
     .venv/bin/python bench/moe_layer.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 --intermediate 1408
     .venv/bin/python bench/moe_layer.py --device cpu --dtype fp32 --tokens 1024 --hidden 256 --intermediate 128
@@ -24,17 +26,10 @@ from transformers import MixtralConfig, Qwen3MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-from asymoe.benchmarking import median_seconds, peak_memory_mib, write_bench_record
+from asymoe.benchmarking import interleaved_median_seconds, peak_memory_mib, write_bench_record
+from asymoe.cli import DTYPES
 from asymoe.configuration import AsyMoETextConfig
 from asymoe.modeling.modeling_asymoe import AsyMoEMLP, AsyMoESparseBlock
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def measure(fn, device: torch.device, warmup: int, repeat: int) -> dict:
-    """Median milliseconds of `fn()` over `repeat` runs after `warmup`, and the peak MiB of one more run above what
-    was allocated before it."""
-    return {"ms": median_seconds(fn, device, warmup, repeat) * 1e3, "peak_mib": peak_memory_mib(fn, device)}
 
 
 def text_config(args, **overrides) -> AsyMoETextConfig:
@@ -46,6 +41,8 @@ def text_config(args, **overrides) -> AsyMoETextConfig:
         moe_variant="asymoe", num_vision_experts=vision, num_text_experts=text, num_inter_experts=inter,
         num_evidence_experts=0, num_experts_per_tok=args.top_k,
     )
+    if args.compile:  # the balancing's load count runs outside compiled graphs (a graph break fullgraph refuses)
+        fields["router_bias_update_rate"] = 0.0
     fields.update(overrides)
     config = AsyMoETextConfig(**fields)
     config._experts_implementation = args.experts_implementation
@@ -112,6 +109,34 @@ def run(args) -> dict:
         "asymoe_block": lambda x: asymoe_run(x, image_mask),
         "asymoe_block_euclidean": lambda x: asymoe_euclidean_run(x, image_mask),
     }
+
+    def fwd(forward):
+        def run():
+            with torch.no_grad():
+                forward(tokens)
+        return run
+
+    def fwd_bwd(forward):
+        def run():
+            x = tokens.detach().requires_grad_(True)
+            forward(x).float().square().mean().backward()
+        return run
+
+    # The inter experts alone, every token routed to them: hyperbolic vs Euclidean Möbius-free expert.
+    inter = config.expert_layout(1).group_slices()["inter"]
+    flat = tokens.reshape(-1, args.hidden)
+    top_index = torch.stack([torch.full((args.tokens,), inter.start + i % (inter.stop - inter.start), device=device)
+                             for i in range(args.top_k)], dim=-1)
+    top_weights = torch.full(top_index.shape, 1.0 / args.top_k, device=device)
+
+    def expert_fwd_bwd(experts):
+        def run():
+            x = flat.detach().requires_grad_(True)
+            experts(x, top_index, top_weights).float().square().mean().backward()
+        return run
+
+    # Every case of a routing is timed in turn, round after round (`interleaved_median_seconds`), so that the ratios
+    # between cases survive load that drifts during the run; peak memory does not move between runs.
     results = {}
     for routing in ("balanced", "skewed"):
         if routing == "skewed":
@@ -121,37 +146,17 @@ def run(args) -> dict:
             skew(asymoe_euclidean.router.weight, direction, favoured)
             skew(mixtral.gate.weight, direction, [0])
             skew(qwen3.gate.weight, direction, [0])
+        timed = {}
         for name, forward in cases.items():
-            if routing == "skewed" and name == "dense_ffn":
-                continue
-
-            def fwd(forward=forward):
-                with torch.no_grad():
-                    forward(tokens)
-
-            def fwd_bwd(forward=forward):
-                x = tokens.detach().requires_grad_(True)
-                forward(x).float().square().mean().backward()
-
-            results[f"{routing}/{name}"] = {
-                "fwd": measure(fwd, device, args.warmup, args.repeat),
-                "fwd_bwd": measure(fwd_bwd, device, args.warmup, args.repeat),
-            }
-
-    # The inter experts alone, every token routed to them: hyperbolic vs Euclidean Möbius-free expert.
-    inter = config.expert_layout(1).group_slices()["inter"]
-    flat = tokens.reshape(-1, args.hidden)
-    top_index = torch.stack([torch.full((args.tokens,), inter.start + i % (inter.stop - inter.start), device=device)
-                             for i in range(args.top_k)], dim=-1)
-    top_weights = torch.full(top_index.shape, 1.0 / args.top_k, device=device)
-    for name, block in (("hyperbolic_expert", asymoe), ("euclidean_expert", asymoe_euclidean)):
-        experts = compiled(block.experts)
-
-        def expert_fwd_bwd(experts=experts):
-            x = flat.detach().requires_grad_(True)
-            experts(x, top_index, top_weights).float().square().mean().backward()
-
-        results[name] = {"fwd_bwd": measure(expert_fwd_bwd, device, args.warmup, args.repeat)}
+            if not (routing == "skewed" and name == "dense_ffn"):
+                timed[(f"{routing}/{name}", "fwd")] = fwd(forward)
+                timed[(f"{routing}/{name}", "fwd_bwd")] = fwd_bwd(forward)
+        if routing == "balanced":
+            for name, block in (("hyperbolic_expert", asymoe), ("euclidean_expert", asymoe_euclidean)):
+                timed[(name, "fwd_bwd")] = expert_fwd_bwd(compiled(block.experts))
+        for (name, kind), seconds in interleaved_median_seconds(timed, device, args.warmup, args.repeat).items():
+            results.setdefault(name, {})[kind] = {"ms": seconds * 1e3, "peak_mib": peak_memory_mib(timed[name, kind],
+                                                                                                  device)}
     return results
 
 
@@ -174,22 +179,29 @@ def main(argv=None) -> int:
     args.layout = tuple(int(n) for n in args.layout.split(","))
     results = run(args)
     dense = results["balanced/dense_ffn"]
-    print(f"{'case':40s} {'fwd ms':>9s} {'×dense':>7s} {'fwd+bwd ms':>11s} {'×dense':>7s} {'peak MiB':>9s} {'×dense':>7s}")
-    for name, entry in results.items():
-        row = f"{name:40s} "
-        for kind in ("fwd", "fwd_bwd"):
-            if kind in entry:
-                ms = entry[kind]["ms"]
-                ratio = ms / dense[kind]["ms"] if not name.endswith("_expert") else float("nan")
-                row += f"{ms:9.3f} {ratio:7.2f} " if kind == "fwd" else f"{ms:11.3f} {ratio:7.2f} "
-            else:
-                row += f"{'':9s} {'':7s} "
-        peak = entry["fwd_bwd"]["peak_mib"]  # fwd+bwd peak
-        row += f"{peak:9.1f} " + (f"{peak / dense['fwd_bwd']['peak_mib']:7.2f}" if not name.endswith("_expert") else "")
+    print(f"{'case':40s} {'fwd ms':>9s} {'×dense':>7s} {'fwd+bwd ms':>11s} {'×dense':>7s} {'×Mixtral':>9s} "
+          f"{'peak MiB':>9s} {'×dense':>7s}")
+    blocks = sorted(results, key=lambda name: name.endswith("_expert"))  # the experts alone last
+    for name in blocks:
+        entry, block = results[name], not name.endswith("_expert")
+        row = f"{name:40s} " + (f"{entry['fwd']['ms']:9.3f} {entry['fwd']['ms'] / dense['fwd']['ms']:7.2f} "
+                                if block else f"{'':17s} ")
+        ms, peak = entry["fwd_bwd"]["ms"], entry["fwd_bwd"]["peak_mib"]
+        if block:
+            mixtral = results[f"{name.split('/')[0]}/mixtral_block"]["fwd_bwd"]["ms"]
+            row += f"{ms:11.3f} {ms / dense['fwd_bwd']['ms']:7.2f} {ms / mixtral:9.2f} "
+            row += f"{peak:9.1f} {peak / dense['fwd_bwd']['peak_mib']:7.2f}"
+        else:
+            row += f"{ms:11.3f} {'':7s} {'':9s} {peak:9.1f}"
         print(row)
-    if "hyperbolic_expert" in results:
-        ratio = results["hyperbolic_expert"]["fwd_bwd"]["ms"] / results["euclidean_expert"]["fwd_bwd"]["ms"]
-        print(f"hyperbolic / Euclidean expert (fwd+bwd): {ratio:.2f}×")
+    # The comparison to the peer in one number per run: transformers' Mixtral block at the same expert count.
+    for routing in ("balanced", "skewed"):
+        mixtral = results[f"{routing}/mixtral_block"]["fwd_bwd"]["ms"]
+        print(f"AsyMoE / transformers Mixtral block ({sum(args.layout)} experts, top-{args.top_k}, {routing}, fwd+bwd): "
+              f"hyperbolic inter {results[f'{routing}/asymoe_block']['fwd_bwd']['ms'] / mixtral:.2f}×, Euclidean inter "
+              f"{results[f'{routing}/asymoe_block_euclidean']['fwd_bwd']['ms'] / mixtral:.2f}×")
+    ratio = results["hyperbolic_expert"]["fwd_bwd"]["ms"] / results["euclidean_expert"]["fwd_bwd"]["ms"]
+    print(f"hyperbolic / Euclidean expert (fwd+bwd): {ratio:.2f}×")
     print(f"wrote {write_bench_record(args.output, args, args.device, results)}")
     return 0
 

@@ -30,10 +30,10 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from asymoe import AsyMoEForConditionalGeneration
 from asymoe.benchmarking import median_seconds, peak_memory_mib, write_bench_record
+from asymoe.cli import DTYPES
 from asymoe.compat import enable_activation_checkpointing
 from asymoe.upcycling import model_parameter_counts
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ("dense", "vanilla", "modality", "asymoe")
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
 GPU_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 125.0}

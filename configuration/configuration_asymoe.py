@@ -9,14 +9,58 @@ import importlib
 import math
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import transformers
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.image_processing_utils import select_best_resolution
+from transformers.utils import logging
+
+# The transformers releases this code passed the version matrix on (docs/compatibility.md; `nox -s compatibility`
+# writes this line). Checked when this file is imported (the first bundle file a checkpoint loads), so a checkpoint's
+# code stops with a clear message instead of failing, or silently computing something else, under a release it was
+# never run on.
+TESTED_TRANSFORMERS = {"minimum": "5.17.0", "newest": "5.24.0"}
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a version string such as "5.24.0" or "5.25.0.dev0"."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    if match is None:
+        raise ValueError(f"Cannot read the transformers version {version!r}.")
+    return tuple(int(part or 0) for part in match.groups())
+
+
+def check_transformers_version(tested: dict[str, str] = TESTED_TRANSFORMERS) -> None:
+    """Raise `ImportError` under a transformers older than the tested minimum; warn under one newer than the newest
+    tested release, once per process (transformers re-imports remote code on every load)."""
+    installed = transformers.__version__
+    if _release(installed) < _release(tested["minimum"]):
+        raise ImportError(
+            f"AsyMoE's code needs transformers >= {tested['minimum']} (tested on {tested['minimum']} to "
+            f"{tested['newest']}), but transformers {installed} is installed: pip install -U "
+            f"'transformers>={tested['minimum']}'"
+        )
+    if _release(installed) > _release(tested["newest"]):
+        logging.get_logger("transformers").warning_once(
+            f"AsyMoE's code was tested on transformers {tested['minimum']} to {tested['newest']}; transformers "
+            f"{installed} is newer and untested. If results look wrong (generation, training), install "
+            f"transformers=={tested['newest']} or a newer AsyMoE release."
+        )
+
+
+check_transformers_version()
 
 MOE_VARIANTS = ("dense", "vanilla", "modality", "asymoe")
+# Where the hyperbolic maps (and their gradients, learned through softplus in fp32) stay meaningful and finite.
+CURVATURE_RANGE = (1e-6, 1e6)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 MANIFOLDS = ("poincare", "lorentz")
 
 # Default expert counts per group for each variant: (vision-intra, text-intra, inter, evidence).
@@ -64,13 +108,12 @@ class ExpertLayout:
             start += count
         return slices
 
-    @property
-    def num_image_reachable(self) -> int:
-        return self.num_vision + self.num_inter
-
-    @property
-    def num_text_reachable(self) -> int:
-        return self.num_text + self.num_inter + self.num_evidence
+    def reachable(self, modality: str) -> tuple[int, ...]:
+        """The experts tokens of `modality` may route to: image tokens the vision and inter experts, text tokens the
+        text, inter and evidence experts (the one definition the router, its losses and statistics use)."""
+        groups = {"image": ("vision", "inter"), "text": ("text", "inter", "evidence")}[modality]
+        spans = [span for name, span in self.group_slices().items() if name in groups]
+        return tuple(expert for span in spans for expert in range(span.start, span.stop))
 
 
 class AsyMoETextConfig(PreTrainedConfig):
@@ -100,9 +143,17 @@ class AsyMoETextConfig(PreTrainedConfig):
         hyperbolic_scale (`float`, *optional*): initial tangent scale s of each Möbius map; default √(map width).
         mobius_residual (`bool`): use the residual form of the Möbius bias (exactly Euclidean at zero bias, keeps
             magnitudes beyond the clamp radius; see `hyperbolic_asymoe.mobius_bias`); `False` = textbook map.
-        output_router_logits (`bool`): return router logits and add the auxiliary losses to the loss.
-        router_aux_loss_coef (`float`): weight of the per-modality Switch load-balancing loss.
-        router_z_loss_coef (`float`): weight of the router z-loss.
+        router_bias_update_rate (`float`): auxiliary-loss-free load balancing (DeepSeek-V3): experts are selected by
+            router logit + a per-modality bias, and after every optimizer step each bias moves by this rate towards
+            balance (up for experts below their modality's mean load, down above it). No loss term, so any trainer
+            (TRL's included) trains it as is. `0` turns it off.
+        output_router_logits (`bool`): return router logits (and `aux_loss`, `z_loss`) from the forward.
+        router_aux_loss_coef (`float`): weight of the per-modality Switch load-balancing loss that the model's own
+            forward adds to its loss (with `output_router_logits`); default 0: balancing is loss-free.
+        router_z_loss_coef (`float`): weight of the router z-loss (idem).
+        experts_gather_max_tokens (`int`): inside compiled graphs, calls of the default `grouped_mm` experts with at
+            most this many tokens (decoding steps) gather each token's expert weights (`batched_mm`) instead of
+            sorting rows for a grouped GEMM; eager calls always take the grouped GEMM. `0` turns it off.
     """
 
     model_type = "asymoe_text"
@@ -149,9 +200,11 @@ class AsyMoETextConfig(PreTrainedConfig):
         learn_curvature: bool = True,
         hyperbolic_scale: float | None = None,
         mobius_residual: bool = True,
+        router_bias_update_rate: float = 1e-3,
         output_router_logits: bool = False,
-        router_aux_loss_coef: float = 0.001,
+        router_aux_loss_coef: float = 0.0,
         router_z_loss_coef: float = 0.0,
+        experts_gather_max_tokens: int = 4,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -212,9 +265,11 @@ class AsyMoETextConfig(PreTrainedConfig):
         self.learn_curvature = learn_curvature
         self.hyperbolic_scale = hyperbolic_scale
         self.mobius_residual = mobius_residual
+        self.router_bias_update_rate = router_bias_update_rate
         self.output_router_logits = output_router_logits
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_z_loss_coef = router_z_loss_coef
+        self.experts_gather_max_tokens = experts_gather_max_tokens
 
         super().__init__(
             pad_token_id=pad_token_id,
@@ -238,13 +293,30 @@ class AsyMoETextConfig(PreTrainedConfig):
             raise ValueError(f"evidence_layers {bad} are not MoE layers; choose them from moe_layers={self.moe_layers}.")
         if self.manifold not in MANIFOLDS:
             raise ValueError(f"manifold={self.manifold!r} is not one of {MANIFOLDS}.")
-        if self.curvature <= 0:
-            raise ValueError(f"curvature must be > 0 (got {self.curvature}).")
-        if self.num_experts_per_tok < 1:
-            raise ValueError(f"num_experts_per_tok must be >= 1 (got {self.num_experts_per_tok}).")
-        counts = (self.num_vision_experts, self.num_text_experts, self.num_inter_experts, self.num_evidence_experts)
-        if min(counts) < 0:
-            raise ValueError(f"expert counts must be >= 0 (got vision/text/inter/evidence = {counts}).")
+        low, high = CURVATURE_RANGE
+        if not _is_number(self.curvature) or not low <= self.curvature <= high:
+            raise ValueError(
+                f"curvature must be a number in [{low:g}, {high:g}] (got {self.curvature!r}): below it the Möbius "
+                "maps are Euclidean to fp32 precision (set hyperbolic_inter=False for Euclidean inter experts), "
+                "above it they saturate."
+            )
+        scale = self.hyperbolic_scale
+        if scale is not None and not (_is_number(scale) and scale > 0):
+            raise ValueError(
+                f"hyperbolic_scale must be a finite number > 0 (got {self.hyperbolic_scale!r}); None takes sqrt(map "
+                "width)."
+            )
+        for name in ("num_experts_per_tok", "moe_intermediate_size", "num_vision_experts", "num_text_experts",
+                     "num_inter_experts", "num_evidence_experts", "experts_gather_max_tokens"):
+            value = getattr(self, name)
+            minimum = 0 if name.endswith("_experts") or name == "experts_gather_max_tokens" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum} (got {value!r}).")
+        if not _is_number(self.router_bias_update_rate) or self.router_bias_update_rate < 0:
+            raise ValueError(
+                f"router_bias_update_rate must be a finite number >= 0 (got {self.router_bias_update_rate!r}); 0 "
+                "turns the loss-free balancing off."
+            )
         variant = self.moe_variant
         if variant == "vanilla" and (self.num_vision_experts or self.num_text_experts or self.num_evidence_experts):
             raise ValueError(
@@ -263,13 +335,30 @@ class AsyMoETextConfig(PreTrainedConfig):
         k = self.num_experts_per_tok
         for layer in self.moe_layers:
             layout = self.expert_layout(layer)
-            for modality, reachable in (("image", layout.num_image_reachable), ("text", layout.num_text_reachable)):
+            for modality in ("image", "text"):
+                reachable = len(layout.reachable(modality))
                 if reachable < k:
                     raise ValueError(
                         f"num_experts_per_tok={k} is larger than the {reachable} experts {modality} tokens can reach "
                         f"in MoE layer {layer} ({layout}); lower num_experts_per_tok or add experts to the groups "
                         f"{modality} tokens reach."
                     )
+
+    @property
+    def num_experts(self):
+        """Not defined: AsyMoE's layers differ in expert count, and each modality reaches only its own groups.
+
+        Trainers that read it (TRL, when its `router_aux_loss_coef` is non-zero) would add Mixtral's load-balancing
+        loss over all experts of a layer, blind to the modality masks; AsyMoE balances without a loss instead."""
+        raise AttributeError(
+            "AsyMoE has no single `num_experts`: layers differ in expert count and each modality reaches only its "
+            "own expert groups, so a trainer-side Mixtral load-balancing loss would be wrong for it (TRL computes "
+            "one when its `router_aux_loss_coef` is non-zero, and DPO whenever the model config has "
+            "`output_router_logits=True`). AsyMoE balances experts without a loss (`router_bias_update_rate`): keep "
+            "`router_aux_loss_coef` at 0 in the trainer's config and `output_router_logits` False in the model's "
+            "(the defaults). The per-modality Switch loss is the model's own: set `router_aux_loss_coef` in the model "
+            "config and train on the model's loss (`model(..., labels=..., output_router_logits=True)`)."
+        )
 
     def expert_layout(self, layer_idx: int) -> ExpertLayout | None:
         """The expert groups of decoder layer `layer_idx`, or `None` if its FFN is dense."""
@@ -302,6 +391,9 @@ class AsyMoEConfig(PreTrainedConfig):
         vision_aspect_ratio (`str`, *optional*): OneVision's `"anyres_max_N"`: tile features larger than about N
             tiles are bilinearly pooled down to N tiles' worth. `None`: no pooling (LLaVA-NeXT).
         upcycling (`dict`, *optional*): manifest written when the model was upcycled from a dense checkpoint.
+
+    `config.json` also records `tested_transformers`, the transformers releases the code saved with it was tested on
+    (always this code's own range: a value read from an older file is replaced).
     """
 
     model_type = "asymoe"
@@ -322,6 +414,8 @@ class AsyMoEConfig(PreTrainedConfig):
         tie_word_embeddings: bool | None = None,
         **kwargs,
     ):
+        kwargs.pop("tested_transformers", None)
+        self.tested_transformers = dict(TESTED_TRANSFORMERS)
         if isinstance(vision_config, dict):
             vision_config = dict(vision_config)
             model_type = vision_config.pop("model_type", "clip_vision_model")
@@ -461,13 +555,21 @@ def write_remote_code(save_directory: str | os.PathLike, module_file: str) -> li
         flat = re.sub(r"^(\s*)from \.\.?(?:\w+\.)?(\w+) import", r"\1from .\2 import", text, flags=re.MULTILINE)
         for imported in re.findall(r"^\s*from \.(\w+) import", flat, flags=re.MULTILINE):
             pending.append(_find_sibling(source, imported, text))
-        target = Path(save_directory) / source.name
-        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=f".{source.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(flat)
-        os.replace(tmp, target)
-        written.append(target)
+        written.append(write_text_atomically(Path(save_directory) / source.name, flat))
     return written
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    """Write `text` to a temporary sibling of `path` (named `.<name>.partial-<pid>-<random>`), then rename it onto
+    `path`. A plain `open`, not mkstemp's owner-only 0600: the file gets the modes save_pretrained's files get."""
+    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(temporary, "x", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 def _find_sibling(source: Path, module_name: str, text: str) -> Path:
@@ -479,4 +581,14 @@ def _find_sibling(source: Path, module_name: str, text: str) -> Path:
     return source.parent / f"{module_name}.py"
 
 
-__all__ = ["AnyresLayout", "AsyMoEConfig", "AsyMoETextConfig", "ExpertLayout", "anyres_layout", "write_remote_code"]
+__all__ = [
+    "AnyresLayout",
+    "AsyMoEConfig",
+    "AsyMoETextConfig",
+    "ExpertLayout",
+    "TESTED_TRANSFORMERS",
+    "anyres_layout",
+    "check_transformers_version",
+    "write_remote_code",
+    "write_text_atomically",
+]

@@ -1,1 +1,2 @@
-"""Evaluation: metric modules for `evaluate`, task adapters, the grounding benchmark, the runner and analysis."""
+"""Evaluation: metric modules for `evaluate`, task adapters, the grounding benchmark, the runner, the lmms-eval model
+and analysis."""

@@ -25,10 +25,10 @@ import torch
 from PIL import Image, ImageStat
 from tqdm.auto import tqdm
 
+from ..cli import DTYPES
 from ..finetune.data import vqa_messages
 from ..io import atomic_save_figure, atomic_write_text
 from ..routing import GROUP_COLOURS, RoutingStatistics, plot_routing
-from .runner import DTYPES
 
 BLANKS = ("mean", "zero")
 
@@ -199,11 +199,11 @@ def analyze(model, processor, dataset, limit: int | None = None, batch_size: int
             inputs = encode(images, prompts)
             is_image = inputs["input_ids"] == image_token_id
             selected = text_after_image_mask(inputs["input_ids"], inputs["attention_mask"], image_token_id)
-            extra = {"output_router_logits": True} if routing is not None else {}
+            handles = routing.track(model) if routing is not None else []
             with probe.capture(selected, is_image):
-                outputs = model(**inputs, use_cache=False, **extra)
-            if routing is not None:
-                routing.update(outputs.router_logits, is_image, inputs["attention_mask"])
+                model(**inputs, use_cache=False)
+            for handle in handles:
+                handle.remove()
             original, top_expert = probe.ffn, probe.top_expert
             for index, mass in probe.attention.items():
                 attention[index] += float(mass.sum())
@@ -370,7 +370,9 @@ def _model_names(models: list[str]) -> list[str]:
     raise ValueError(f"the same model is given twice: {models}.")
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """`asymoe analyze`'s arguments, on `parser` (the `asymoe` subcommand's) or a new parser."""
+    parser = parser or argparse.ArgumentParser(prog="asymoe analyze", description=__doc__)
     parser.add_argument("models", metavar="MODEL", nargs="+", help="model directories or Hub ids (AsyMoE or LLaVA)")
     parser.add_argument("--data", required=True, metavar="DIR_OR_DATASET",
                         help="`asymoe grounding` directory, a save_to_disk Dataset directory, or easy_vqa")
@@ -383,9 +385,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="outputs/analysis", help="results directory (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES)
+    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Analyse each MODEL on the data; write analysis.json and the plots."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

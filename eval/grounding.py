@@ -17,15 +17,15 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..io import atomic_directory
 
 COLOURS = {
     "red": (214, 39, 40), "orange": (255, 127, 14), "yellow": (237, 201, 40),
@@ -262,19 +262,13 @@ def build_grounding(config: GroundingConfig | None = None):
 
 
 def save_grounding(dataset, directory: str | os.PathLike, config: GroundingConfig | None = None) -> Path:
-    """Write with `save_to_disk` into a temporary sibling, then move it onto `directory` (never half-written)."""
+    """Write with `save_to_disk` into a temporary sibling, then publish it as `directory`, replacing what was there
+    (`atomic_directory`: never half-written, the old data kept until the new is complete)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        dataset.save_to_disk(str(temporary / "data"))
+    with atomic_directory(directory, overwrite=True) as temporary:
+        dataset.save_to_disk(str(temporary))
         if config is not None:
-            (temporary / "data" / "grounding_config.json").write_text(json.dumps(asdict(config), indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(temporary / "data", directory)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+            (temporary / "grounding_config.json").write_text(json.dumps(asdict(config), indent=2))
     return directory
 
 
@@ -308,7 +302,9 @@ def statistics(dataset) -> dict[str, dict]:
     return result
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """`asymoe grounding`'s arguments, on `parser` (the `asymoe` subcommand's) or a new parser."""
+    parser = parser or argparse.ArgumentParser(prog="asymoe grounding", description=__doc__)
     defaults = GroundingConfig()
     parser.add_argument("output", metavar="OUTPUT_DIR", help="directory to write the data set to (save_to_disk)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -320,9 +316,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation-size", type=int, default=defaults.validation_size,
                         help="rows of each validation split (built like the test splits)")
     parser.add_argument("--test-size", type=int, default=defaults.test_size, help="rows of each test split")
+    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Generate the grounding benchmark and print its statistics."""
     try:
         config = GroundingConfig(

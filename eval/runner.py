@@ -14,38 +14,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..cli import DTYPES
 from ..io import atomic_write_text
-from .tasks import TASKS, Task, load_rows, resolve_tasks, score
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .generation import CachedGenerationMismatch, generate_batch
+from .tasks import TASKS, Task, load_task_rows, resolve_tasks, score
 
 
 @torch.no_grad()
 def generate_answers(model, processor, task: Task, rows: list[dict], batch_size: int = 8,
-                     max_new_tokens: int = 16, progress: bool = True) -> list[str]:
-    """Greedy answers to the task's prompts, batched with left padding; only the new tokens, decoded and stripped."""
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError(f"{type(processor).__name__} has no tokenizer: evaluation needs a multimodal processor "
-                         "(image processor + tokenizer + chat template).")
-    tokenizer.padding_side = "left"
-    if getattr(processor, "chat_template", None) is None:
-        raise ValueError("the processor has no chat template: save one with the processor (chat_template.jinja).")
-    device = next(model.parameters()).device
+                     max_new_tokens: int = 16, progress: bool = True, check_cache: bool = False) -> list[str]:
+    """Greedy answers to the task's prompts, batched with left padding; only the new tokens, decoded and stripped.
+    With `check_cache`, the first batch is also decoded without the KV cache (`check_cached_generation`)."""
     answers = []
     for start in tqdm(range(0, len(rows), batch_size), desc=task.name, disable=not progress, unit="batch"):
         batch = rows[start:start + batch_size]
-        prompts = [processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": task.prompt(row)}]}],
-            add_generation_prompt=True) for row in batch]
-        images = [task.images(row) for row in batch]
-        inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        answers += generate_batch(model, processor, [task.prompt(row) for row in batch],
+                                  [task.images(row) for row in batch], max_new_tokens,
+                                  check_cache=check_cache and start == 0)
     return answers
 
 
@@ -53,14 +38,19 @@ def evaluate_model(model, processor, tasks: list[str], data: dict[str, str] | No
                    batch_size: int = 8, max_new_tokens: int = 16, output_dir: str | os.PathLike | None = None,
                    progress: bool = True) -> dict:
     """Run `tasks` (names or groups) and score them; with `output_dir`, write results.json, results.md and one
-    `<task>.predictions.jsonl` per task (atomically). Returns {task: {"metrics": ..., "n": ...}}."""
+    `<task>.predictions.jsonl` per task (atomically). Returns {task: {"metrics": ..., "n": ..., "scoring": ...}},
+    scoring naming the reference evaluator the task's metric followed (docs/evaluation.md).
+
+    The first batch is also decoded without the KV cache: a model whose cached generation is wrong under the
+    installed transformers stops the run (`CachedGenerationMismatch`) instead of producing a wrong table."""
     data = data or {}
     model.eval()
     results = {}
-    for task in resolve_tasks(tasks):
-        rows = list(load_rows(task, data.get(task.data_key or task.name), limit))
-        predictions = generate_answers(model, processor, task, rows, batch_size, max_new_tokens, progress)
-        results[task.name] = {"metrics": score(task, predictions, rows), "n": len(rows)}
+    for index, task in enumerate(resolve_tasks(tasks)):
+        rows = list(load_task_rows(task, data.get(task.data_key or task.name), limit))
+        predictions = generate_answers(model, processor, task, rows, batch_size, max_new_tokens, progress,
+                                       check_cache=index == 0)
+        results[task.name] = {"metrics": score(task, predictions, rows), "n": len(rows), "scoring": task.scoring}
         if output_dir is not None:
             lines = [json.dumps({"prompt": task.prompt(r), "prediction": p, "reference": task.reference(r)},
                                 default=str) for r, p in zip(rows, predictions)]
@@ -103,7 +93,9 @@ def update_model_card(model_dir: str | os.PathLike, results: dict, model_name: s
     return path
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """`asymoe eval`'s arguments, on `parser` (the `asymoe` subcommand's) or a new parser."""
+    parser = parser or argparse.ArgumentParser(prog="asymoe eval", description=__doc__)
     parser.add_argument("model", metavar="MODEL", help="model directory or Hub id (any image-text-to-text model)")
     parser.add_argument("--tasks", required=True,
                         help=f"comma-separated tasks or groups (grounding, standard); tasks: {', '.join(TASKS)}")
@@ -116,9 +108,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--update-model-card", action="store_true", help="write model-index into MODEL/README.md")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES)
+    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Evaluate MODEL on the tasks and write results.json + results.md."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -136,13 +129,17 @@ def run(args: argparse.Namespace) -> int:
         for key, path in data.items():
             if not Path(path).exists():
                 raise FileNotFoundError(f"--data {key}={path}: no such file or directory.")
+        looks_local = args.model.startswith(("/", ".", "~")) or args.model.count("/") > 1
+        if looks_local and not Path(args.model).expanduser().is_dir():
+            raise FileNotFoundError(f"MODEL {args.model}: no such directory (give a checkpoint directory, or a Hub "
+                                    "id such as llava-hf/llava-1.5-7b-hf).")
         model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True,
                                                             dtype=DTYPES[args.dtype]).to(args.device)
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
         output = Path(args.output)
         results = evaluate_model(model, processor, [t for t in args.tasks.split(",") if t], data, args.limit,
                                  args.batch_size, args.max_new_tokens, output)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError, CachedGenerationMismatch) as err:  # OSError: missing or unreadable checkpoints
         print(f"asymoe eval: error: {err}", file=sys.stderr)
         return 2
     import transformers

@@ -57,6 +57,7 @@ class Task:
 
     name: str
     metric: str
+    scoring: str  # the reference evaluator the metric follows (its `scoring` argument; docs/evaluation.md)
     prompt: Callable[[dict], str]
     reference: Callable[[dict], object]
     hub: tuple[str, str | None, str] | None = None  # (repo id, config, split)
@@ -74,38 +75,43 @@ def _vqa_answers(row: dict) -> list[str]:
     return [a["answer"] if isinstance(a, dict) else a for a in answers]
 
 
+def _mmbench_scoring_inputs(rows: list[dict]) -> dict:
+    """Options A-D as lmms-eval's MMBench scoring reads them (None/NaN: no such option) and the circular index."""
+    return {"options": [[row.get(letter) for letter in OPTION_LETTERS[:4]] for row in rows],
+            "indices": [int(row["index"]) for row in rows]}
+
+
 def _grounding(split: str) -> Task:
-    return Task(f"grounding_{split.removeprefix('test_')}", "exact_match", lambda r: _short(r["question"]),
+    return Task(f"grounding_{split.removeprefix('test_')}", "exact_match", "vqa", lambda r: _short(r["question"]),
                 lambda r: r["answer"], breakdown=("question_type", "level"), data_key="grounding", split=split)
 
 
 TASKS: dict[str, Task] = {task.name: task for task in [
-    Task("vqav2", "vqa_accuracy", lambda r: _short(r["question"]), _vqa_answers,
+    Task("vqav2", "vqa_accuracy", "llava-1.5", lambda r: _short(r["question"]), _vqa_answers,
          hub=("lmms-lab/VQAv2", None, "validation")),
-    Task("gqa", "exact_match", lambda r: _short(r["question"]), lambda r: r["answer"],
+    Task("gqa", "gqa", "llava-1.5", lambda r: _short(r["question"]), lambda r: r["answer"],
          hub=("lmms-lab/GQA", "testdev_balanced_instructions", "testdev")),
-    Task("textvqa", "vqa_accuracy", lambda r: _short(_with_ocr(r)), _vqa_answers,
+    Task("textvqa", "vqa_accuracy", "m4c", lambda r: _short(_with_ocr(r)), _vqa_answers,
          hub=("lmms-lab/textvqa", None, "validation")),
-    Task("vizwiz", "vqa_accuracy", lambda r: f"{r['question']}\n{VIZWIZ_PROMPT}\n{SHORT_ANSWER_PROMPT}",
+    Task("vizwiz", "vqa_accuracy", "m4c", lambda r: f"{r['question']}\n{VIZWIZ_PROMPT}\n{SHORT_ANSWER_PROMPT}",
          _vqa_answers, hub=("lmms-lab/VizWiz-VQA", None, "val")),
-    Task("scienceqa_img", "multiple_choice",
+    Task("scienceqa_img", "scienceqa", "llava-1.5",
          lambda r: _with_hint(f"Context: {r['hint']}" if r.get("hint") else None,
                               f"{r['question']}\n{_options_block(r['choices'])}\n{CHOICE_PROMPT}"),
-         lambda r: OPTION_LETTERS[int(r["answer"])], hub=("lmms-lab/ScienceQA", "ScienceQA-IMG", "test"),
-         metric_inputs=lambda rows: {"options": [list(r["choices"]) for r in rows]}),
-    Task("pope", "pope", lambda r: _short(r["question"]), lambda r: r["answer"].strip().lower(),
+         lambda r: OPTION_LETTERS[int(r["answer"])], hub=("lmms-lab/ScienceQA", "ScienceQA-IMG", "test")),
+    Task("pope", "pope", "llava-1.5", lambda r: _short(r["question"]), lambda r: r["answer"].strip().lower(),
          hub=("lmms-lab/POPE", None, "test"), breakdown=("category",)),
-    Task("mme", "mme", lambda r: _short(r["question"].replace(" Please answer yes or no.", "")), lambda r: r["answer"],
-         hub=("lmms-lab/MME", None, "test"),
+    Task("mme", "mme", "llava-1.5", lambda r: _short(r["question"].replace(" Please answer yes or no.", "")),
+         lambda r: r["answer"], hub=("lmms-lab/MME", None, "test"),
          metric_inputs=lambda rows: {"question_ids": [r["question_id"] for r in rows],
                                      "categories": [r["category"] for r in rows]}),
-    Task("mmbench", "multiple_choice",
-         lambda r: _with_hint(r.get("hint"), f"{r['question']}\n{_options_block(_mmbench_options(r))}\n{CHOICE_PROMPT}"),
+    Task("mmbench", "mmbench", "lmms-eval",
+         lambda r: _with_hint(r.get("hint"),
+                              f"{r['question']}\n{_options_block(_mmbench_options(r))}\n{CHOICE_PROMPT}"),
          lambda r: r["answer"], hub=("lmms-lab/MMBench", "en", "dev"),
-         metric_inputs=lambda rows: {"options": [_mmbench_options(r) for r in rows],
-                                     "question_ids": [str(int(r["index"]) % 1_000_000) for r in rows]}),
+         metric_inputs=_mmbench_scoring_inputs),
     *(_grounding(f"{part}_{kind}") for part in ("test", "validation") for kind in ("prior", "counter", "hierarchy")),
-    Task("easy_vqa", "exact_match", lambda r: _short(r["question"]), lambda r: r["answer"],
+    Task("easy_vqa", "exact_match", "vqa", lambda r: _short(r["question"]), lambda r: r["answer"],
          breakdown=("question_type",)),
 ]}
 TASK_GROUPS = {"grounding": ["grounding_prior", "grounding_counter", "grounding_hierarchy"],
@@ -129,7 +135,7 @@ def resolve_tasks(names: list[str]) -> list[Task]:
     return resolved
 
 
-def load_rows(task: Task, path: str | os.PathLike | None = None, limit: int | None = None):
+def load_task_rows(task: Task, path: str | os.PathLike | None = None, limit: int | None = None):
     """The task's rows as a `datasets.Dataset`: from `path` (local copy) or the Hub copy, first `limit` rows."""
     import datasets
 
@@ -179,10 +185,12 @@ def load_rows(task: Task, path: str | os.PathLike | None = None, limit: int | No
 
 
 def score(task: Task, predictions: list[str], rows: list[dict]) -> dict[str, float]:
-    """The task's metric on these predictions (+ the metric per value of each breakdown column)."""
+    """The task's metric, as its reference evaluator scores, on these predictions (+ the metric per value of each
+    breakdown column)."""
     metric = load_metric(task.metric)
     references = [task.reference(row) for row in rows]
-    results = metric.compute(predictions=predictions, references=references, **task.metric_inputs(rows))
+    results = metric.compute(predictions=predictions, references=references, scoring=task.scoring,
+                             **task.metric_inputs(rows))
     for column in task.breakdown:
         groups = defaultdict(list)
         for index, row in enumerate(rows):
@@ -191,6 +199,7 @@ def score(task: Task, predictions: list[str], rows: list[dict]) -> dict[str, flo
         for value, indices in sorted(groups.items()):
             part = [rows[i] for i in indices]
             sub = metric.compute(predictions=[predictions[i] for i in indices],
-                                 references=[references[i] for i in indices], **task.metric_inputs(part))
+                                 references=[references[i] for i in indices], scoring=task.scoring,
+                                 **task.metric_inputs(part))
             results.update({f"{key}/{column}={value}": number for key, number in sub.items()})
     return results

@@ -14,6 +14,7 @@ from ..routing import RoutingStatistics, plot_routing
 class RoutingCallback(TrainerCallback):
     """Collects routing over the forwards between two logging steps and adds it to the logs
     (`routing/L3/text/inter`: share of layer 3's top-k slots of text tokens that went to inter experts;
+    `routing/L3/text/imbalance`: the most loaded reachable expert's share over the mean share, 1 = balanced;
     `routing/L3/text/entropy`: normalised router entropy). At the end of training writes the routing of the whole
     run to `<output_dir>/routing.json` and `<output_dir>/routing.png`. Under data parallelism the counts of all ranks
     are summed before logging and saving."""
@@ -26,14 +27,14 @@ class RoutingCallback(TrainerCallback):
         if model is None or not getattr(model.config.get_text_config(), "moe_layers", None):  # dense: nothing
             return
         self.window, self.total = RoutingStatistics(model.config), RoutingStatistics(model.config)
-        self.handles = [self.window.track(model), self.total.track(model)]
+        self.handles = [*self.window.track(model), *self.total.track(model)]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.window is None or logs is None or "loss" not in logs:
             return
         self.window.all_reduce(args.device)  # every rank logs the training loss, so every rank gets here
         scalars = self.window.log_scalars()
-        logs.update(scalars)  # seen by the callbacks after this one (AsyMoESFTTrainer puts it first: reporters)
+        logs.update(scalars)  # seen by the callbacks after this one (pass it first to reach the reporters)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(scalars)  # the trainer stored its copy before calling back
         self.window.reset()

@@ -154,7 +154,7 @@ def to_conversations(dataset: datasets.Dataset, data_format: str = "auto",
     return convert_rows(dataset, convert, "to conversations")
 
 
-def load_rows(path: str, split: str = "train", name: str | None = None) -> datasets.Dataset:
+def load_split(path: str, split: str = "train", name: str | None = None) -> datasets.Dataset:
     """One split, as stored, of a `save_to_disk` directory (the grounding benchmark), a JSON/JSONL file (LLaVA
     format), a local data set folder or a Hub data set (`name`: its configuration)."""
     source = Path(path)
@@ -195,5 +195,5 @@ class DataScriptArguments:
 
 def load_training_data(path: str, split: str = "train", data_format: str = "auto",
                        image_folder: str | os.PathLike | None = None, name: str | None = None) -> datasets.Dataset:
-    """`load_rows` + `to_conversations`."""
-    return to_conversations(load_rows(path, split, name), data_format, default_image_folder(path, image_folder))
+    """`load_split` + `to_conversations`."""
+    return to_conversations(load_split(path, split, name), data_format, default_image_folder(path, image_folder))

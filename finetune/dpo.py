@@ -17,26 +17,28 @@ Prompts go through the processor's chat template (LLaVA-1.5 for AsyMoE), as in S
 reference model is then the base with the adapter disabled. `--load_in_4bit` / `--load_in_8bit` (QLoRA) need a CUDA
 GPU and bitsandbytes.
 
-MoE load balancing: TRL adds `router_aux_loss_coef * aux_loss` for models whose text config has
-`output_router_logits`, but computes it with Mixtral's loss over all experts of a layer. AsyMoE routes each token
-over the experts its modality reaches, so the trainer makes the forward return AsyMoE's own per-modality loss
-(`router_losses`) instead; the z-loss is not applied in DPO.
+MoE load balancing needs no trainer-side loss: AsyMoE's routers balance themselves while they train (auxiliary-loss
+free, `router_bias_update_rate`), and `router_aux_loss_coef` is 0, so TRL adds none of its own.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import types
 from dataclasses import dataclass, field
 
-import torch
-from accelerate.utils import is_peft_model
 from trl import DPOConfig, DPOTrainer, ModelConfig, ScriptArguments, TrlParser
 
 from ..eval.grounding import prior_answer
-from ..modeling.modeling_asymoe import router_losses
-from .data import DataScriptArguments, convert_rows, default_image_folder, image_storage, llava_messages, load_rows, vqa_messages
+from .data import (
+    DataScriptArguments,
+    convert_rows,
+    default_image_folder,
+    image_storage,
+    llava_messages,
+    load_split,
+    vqa_messages,
+)
 from .lora import LoraScriptArguments, script_peft
 
 PREFERENCE_FORMATS = ("preference", "grounding")
@@ -104,58 +106,11 @@ def to_preferences(dataset, data_format: str = "auto", image_folder: str | None 
 
 def load_preference_data(path: str, split: str = "train", data_format: str = "auto", image_folder: str | None = None,
                          name: str | None = None):
-    """`asymoe.finetune.data.load_rows` (any source) + `to_preferences`."""
-    return to_preferences(load_rows(path, split, name), data_format, default_image_folder(path, image_folder))
+    """`asymoe.finetune.data.load_split` (any source) + `to_preferences`."""
+    return to_preferences(load_split(path, split, name), data_format, default_image_folder(path, image_folder))
 
 
-def use_asymoe_router_losses(model) -> None:
-    """Make the fused-LM-head forward that `DPOTrainer` installs return AsyMoE's per-modality load-balancing loss as
-    `aux_loss` (when asked for router logits) instead of TRL's Mixtral loss; other forwards are left as they are."""
-    fused_forward = model.forward
-
-    def forward(self, *args, fused_lm_head: bool = False, output_router_logits: bool | None = None, **kwargs):
-        if not fused_lm_head:
-            return fused_forward(*args, output_router_logits=output_router_logits, **kwargs)
-        if not output_router_logits:  # explicit False: TRL would otherwise follow the config and add its own loss
-            return fused_forward(*args, fused_lm_head=True, output_router_logits=False, **kwargs)
-        router_logits = []
-        hooks = [block.router.register_forward_hook(lambda module, inputs, output: router_logits.append(output[0]))
-                 for block in self.moe_blocks()]
-        try:
-            outputs = fused_forward(*args, fused_lm_head=True, output_router_logits=False, **kwargs)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        input_ids, attention_mask = kwargs["input_ids"], kwargs.get("attention_mask")
-        token_types = kwargs.get("mm_token_type_ids")
-        image_mask = token_types == 1 if token_types is not None else input_ids == self.config.image_token_id
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(image_mask)
-        outputs.aux_loss, _ = router_losses(router_logits, self.moe_blocks(), image_mask, valid)
-        outputs.loss = outputs.loss + self.config.text_config.router_aux_loss_coef * outputs.aux_loss
-        return outputs
-
-    model.forward = types.MethodType(forward, model)
-
-
-def _is_asymoe(model) -> bool:
-    return getattr(model.config, "model_type", None) == "asymoe" and hasattr(model, "moe_blocks")
-
-
-class AsyMoEDPOTrainer(DPOTrainer):
-    """`DPOTrainer` whose MoE auxiliary loss is AsyMoE's own per-modality load-balancing loss."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for model in (self.model, self.ref_model):
-            if model is None:
-                continue
-            model = self.accelerator.unwrap_model(model)
-            model = model.get_base_model() if is_peft_model(model) else model
-            if _is_asymoe(model):
-                use_asymoe_router_losses(model)
-
-
-def main(argv: list[str] | None = None) -> AsyMoEDPOTrainer:
+def main(argv: list[str] | None = None) -> DPOTrainer:
     """Run the script (`argv` as on the command line); returns the trainer after training and saving."""
     parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
@@ -177,7 +132,7 @@ def main(argv: list[str] | None = None) -> AsyMoEDPOTrainer:
         eval_dataset = load_preference_data(script_args.dataset_name, script_args.dataset_test_split,
                                             script_args.dataset_format, script_args.image_folder,
                                             script_args.dataset_config)
-    trainer = AsyMoEDPOTrainer(
+    trainer = DPOTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=dataset,

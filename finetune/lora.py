@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from transformers import BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
+
+from ..io import atomic_directory
 
 LORA_TARGETS = ("attention", "mlp", "experts")
 EVIDENCE_MODES = ("lora", "full", "frozen")
@@ -218,29 +218,24 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, output: str 
     has_processor = (Path(adapter) / "processor_config.json").is_file()
     processor = AutoProcessor.from_pretrained(adapter if has_processor else base, trust_remote_code=True)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_directory(output) as temporary:
         merged.save_pretrained(temporary)
         processor.save_pretrained(temporary)
-        if output.exists():
-            output.rmdir()  # empty, checked above
-        os.replace(temporary, output)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
     return output
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """`asymoe merge-lora BASE ADAPTER OUTPUT`."""
+def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """`asymoe merge-lora BASE ADAPTER OUTPUT`'s arguments, on `parser` (the `asymoe` subcommand's) or a new one."""
+    parser = parser or argparse.ArgumentParser(prog="asymoe merge-lora", description=__doc__)
     parser.add_argument("base", help="base checkpoint (directory or Hub id) the adapter was trained on")
     parser.add_argument("adapter", help="directory of the PEFT adapter (adapter_config.json)")
     parser.add_argument("output", help="new directory for the merged checkpoint")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="dtype to load, merge and save in (auto: the base checkpoint's)")
+    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Merge a LoRA adapter into its base AsyMoE checkpoint and save a checkpoint that loads with remote code."""
     try:
         output = merge_lora(args.base, args.adapter, args.output, args.dtype)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-import torch
-from transformers import Trainer
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
 
 from .callbacks import RoutingCallback
@@ -36,9 +34,8 @@ class SFTScriptArguments(ScriptArguments, DataScriptArguments, LoraScriptArgumen
 
 
 class AsyMoESFTTrainer(SFTTrainer):
-    """`SFTTrainer` that trains with the model's own loss (LM loss on labelled tokens + router aux/z losses, the
-    router term weighted as one per micro-batch), puts AsyMoE-specific parameters in their own optimizer groups,
-    applies a freezing scheme and logs routing."""
+    """Stock `SFTTrainer` (its loss and fused LM head; AsyMoE balances its experts without a loss term) plus a
+    freezing scheme, AsyMoE-specific parameters in their own optimizer groups and the routing log."""
 
     def __init__(self, *args, freeze: str = "none", asymoe_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -59,46 +56,6 @@ class AsyMoESFTTrainer(SFTTrainer):
             separate_asymoe_groups(self.optimizer, self.model if model is None else model,
                                    self.args.learning_rate if self.asymoe_lr is None else self.asymoe_lr)
         return self.optimizer
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # TRL's fused LM head would bypass the model's forward, and with it the per-modality load-balancing loss
-        # (its Mixtral-style loss assumes one expert count in every layer): use the model's own loss instead.
-        inputs["use_cache"] = False
-        if self.aux_loss_enabled:
-            inputs["output_router_logits"] = True
-        labels = inputs["labels"][:, 1:]
-        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
-        mode = "train" if self.model.training else "eval"
-        if getattr(outputs, "aux_loss", None) is not None:
-            loss = loss + self._router_loss_correction(outputs, num_items_in_batch).to(loss.device)
-            for name in ("aux_loss", "z_loss"):
-                value = self.accelerator.gather_for_metrics(getattr(outputs, name).detach().reshape(1))
-                self._metrics[mode][name].append(value.mean().item())
-        mask = labels != -100
-        predicted = outputs.logits[:, :-1].argmax(-1)
-        correct, total = self.accelerator.gather_for_metrics(
-            torch.stack([(predicted.eq(labels) & mask).sum(), mask.sum()]).reshape(1, 2)).sum(0)
-        self._metrics[mode]["mean_token_accuracy"].append((correct / total.clamp(min=1)).item())
-        return (loss, outputs) if return_outputs else loss
-
-    def _router_loss_correction(self, outputs, num_items_in_batch) -> torch.Tensor:
-        """What makes the router term (aux + z-loss) of `Trainer.compute_loss`'s loss count once per micro-batch.
-
-        With `num_items_in_batch` the Trainer normalises the LM loss by the tokens of the whole accumulated batch of
-        all ranks: it multiplies the model's loss by the world size (DDP averages gradients) and skips the division
-        by the accumulation steps, over-weighting the model's router term by both. TRL weights its own aux loss as
-        this restores: divided by the accumulation steps, averaged over ranks."""
-        config = self.model.config.get_text_config()
-        router = config.router_aux_loss_coef * outputs.aux_loss
-        if config.router_z_loss_coef:
-            router = router + config.router_z_loss_coef * outputs.z_loss
-        normalised = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        steps = self.current_gradient_accumulation_steps if normalised else 1
-        included = 1 if outputs.loss is not None else 0  # no model loss: a label smoother took the labels
-        if normalised and self.args.average_tokens_across_devices:
-            included *= self.accelerator.num_processes // self.get_tp_size()
-        return router * (1 / steps - included)
 
 
 def main(argv: list[str] | None = None) -> AsyMoESFTTrainer:

@@ -6,7 +6,7 @@ This file is part of the Hub bundle: it imports only transformers and its bundle
 from __future__ import annotations
 
 import bisect
-
+from collections.abc import Iterable
 from pathlib import Path
 
 from transformers import BatchFeature, ProcessorMixin
@@ -96,6 +96,30 @@ class AsyMoEProcessor(ProcessorMixin):
         self.auto_map = {"AutoProcessor": "processing_asymoe.AsyMoEProcessor"}
         super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
 
+    def _match_images(self, images, texts: list[str]) -> tuple[list | None, list]:
+        """`images` as given (nested lists, a data set column, ...) -> (one list per text or a flat list, the flat
+        list). Per-text lists must match each text's `<image>` placeholders."""
+        if images is None:
+            return None, []
+        if _is_image(images):
+            return [images], [images]
+        items = list(images)
+        if all(_is_image(item) for item in items):
+            return items, items
+        if len(items) != len(texts):
+            raise ValueError(
+                f"images holds {len(items)} lists for {len(texts)} text(s): give one list of images per text, or "
+                "one flat list for all the texts' placeholders in reading order."
+            )
+        per_text = [[item] if _is_image(item) else list(item) for item in items]
+        for index, (sample, text) in enumerate(zip(per_text, texts)):
+            if len(sample) != text.count(self.image_token):
+                raise ValueError(
+                    f"text {index} holds {text.count(self.image_token)} {self.image_token!r} placeholder(s) but its "
+                    f"list holds {len(sample)} image(s): give each text the images of its own placeholders."
+                )
+        return per_text, [image for sample in per_text for image in sample]
+
     def __call__(self, images=None, text=None, return_mm_token_type_ids: bool = False, **kwargs) -> BatchFeature:
         """Tokenize `text` (str or list of str) with each `<image>` expanded, and preprocess `images`.
 
@@ -106,7 +130,7 @@ class AsyMoEProcessor(ProcessorMixin):
         if text is None:
             raise ValueError("AsyMoEProcessor needs `text`; use one '<image>' placeholder per image in it.")
         texts = [text] if isinstance(text, str) else list(text)
-        flat_images = _flatten_images(images)
+        images, flat_images = self._match_images(images, texts)
         placeholders = sum(t.count(self.image_token) for t in texts)
         if placeholders != len(flat_images):
             raise ValueError(
@@ -208,12 +232,10 @@ _IMAGE_KWARGS = {"do_resize", "size", "crop_size", "do_center_crop", "do_normali
                  "do_rescale", "rescale_factor", "do_convert_rgb", "resample", "do_pad"}
 
 
-def _flatten_images(images) -> list:
-    if images is None:
-        return []
-    if isinstance(images, (list, tuple)):
-        return [image for item in images for image in _flatten_images(item)]
-    return [images]
+def _is_image(item) -> bool:
+    """An image (PIL image, array, tensor, path or URL) rather than a collection of them."""
+    return isinstance(item, (str, bytes)) or hasattr(item, "shape") or hasattr(item, "mode") or not isinstance(
+        item, Iterable)
 
 
 __all__ = ["AsyMoEProcessor", "DEFAULT_CHAT_TEMPLATE"]

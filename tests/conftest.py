@@ -28,6 +28,11 @@ WORDS = "what color shape is the a red blue green yellow circle square triangle 
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The libraries whose deprecations our code must act on. Not torch: tracing under torch.compile, torch warns about
+# its own internals (dynamo instantiating an autograd.Function), and the first frame outside torch is the caller.
+WATCHED = {"transformers", "trl", "peft", "accelerate", "datasets", "evaluate", "huggingface_hub", "PIL"}
+
+
 def _package(frame) -> str:
     return frame.f_globals.get("__name__", "").split(".")[0]
 
@@ -53,15 +58,15 @@ class DeprecationOnOurPath(Exception):
 
 
 def _fail_deprecations_on_our_code_path() -> None:
-    """Turn every deprecation that a library raises on this repository's code paths into an error: Python warnings
-    (FutureWarning, DeprecationWarning; transformers' `deprecate_kwarg` among them) and transformers' logged ones
-    ("... is deprecated ..." through `logger.warning_once`). Deprecations a third-party library triggers in its own
-    calls (TRL or PEFT using a transformers name that transformers deprecated) stay ordinary warnings."""
+    """Turn every deprecation that a `WATCHED` library raises on this repository's code paths into an error: Python
+    warnings (FutureWarning, DeprecationWarning; transformers' `deprecate_kwarg` among them) and transformers' logged
+    ones ("... is deprecated ..." through `logger.warning_once`). Deprecations a third-party library triggers in its
+    own calls (TRL or PEFT using a transformers name that transformers deprecated) stay ordinary warnings."""
     original_warn = warnings.warn
 
     def warn(message, category=None, stacklevel=1, source=None, **kwargs):
         category = type(message) if isinstance(message, Warning) else (category or UserWarning)
-        if issubclass(category, (FutureWarning, DeprecationWarning)):
+        if issubclass(category, (FutureWarning, DeprecationWarning)) and _package(sys._getframe(1)) in WATCHED:
             caller = _on_our_code_path(sys._getframe(1))
             if caller is not None:
                 raise DeprecationOnOurPath(f"{caller} uses a deprecated API: {message}")
@@ -140,15 +145,42 @@ def make_model(tokenizer):
 
 
 def save_training_setup(root, **grounding):
-    """Under `root`: a tiny AsyMoE with its processor (`model/`; router logits on, so TRL treats it as MoE) and a
-    grounding training set (`data/`, `GroundingConfig(**grounding)` without validation and test splits)."""
+    """Under `root`: a tiny AsyMoE with its processor (`model/`) and a grounding training set (`data/`,
+    `GroundingConfig(**grounding)` without validation and test splits)."""
     from asymoe.eval.grounding import GroundingConfig, build_grounding, grounding_vocabulary, save_grounding
     from asymoe.finetune.data import SHORT_ANSWER_PROMPT
 
     tokenizer = build_tokenizer(grounding_vocabulary() + SHORT_ANSWER_PROMPT.split())
-    config = tiny_config(tokenizer, output_router_logits=True)
+    config = tiny_config(tokenizer)
     torch.manual_seed(0)
     AsyMoEForConditionalGeneration(config).save_pretrained(root / "model")
     tiny_processor(config, tokenizer).save_pretrained(root / "model")
     save_grounding(build_grounding(GroundingConfig(validation_size=0, test_size=0, **grounding)), root / "data")
     return root
+
+
+PROMPT_A = "USER: <image>\nwhat color is the shape ? ASSISTANT:"
+PROMPT_B = "USER: <image>\nis the red circle left , the blue square right ? yes no . what shape is green ? ASSISTANT:"
+ANSWER_A = " red circle"
+ANSWER_B = " a blue square"
+
+
+def wake(model: AsyMoEForConditionalGeneration, std: float = 0.1, mobius_std: float = 0.05, seed: int = 1):
+    """Move the decoder and projector weights away from their init, the zero-initialised ones included (evidence W_o,
+    Möbius biases): routing becomes decisive, the evidence readout and the hyperbolic maps are live, greedy decoding
+    gives varied tokens. Norm weights, tangent scales, curvature and the vision tower keep their init. The Möbius
+    biases draw from their own generator, so the other weights do not depend on whether the model has them."""
+    generator, mobius_generator = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("model.vision_tower") or ".log_scale_" in name or "curvature" in name or "norm" in name:
+                continue
+            if ".mobius_bias_" in name:
+                param.copy_(torch.randn(param.shape, generator=mobius_generator) * mobius_std)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+def new_tokens(sequences: torch.Tensor, prompt: dict) -> torch.Tensor:
+    return sequences[:, prompt["input_ids"].shape[1] :]

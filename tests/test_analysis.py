@@ -1,6 +1,5 @@
 """`asymoe analyze`: per-layer evidence sensitivity, attention on evidence and routing, for every variant."""
 
-import argparse
 import json
 
 import datasets
@@ -12,12 +11,14 @@ from PIL import Image
 from asymoe import AsyMoEForConditionalGeneration
 from asymoe.eval.analysis import (
     analyze,
-    configure_parser,
+    make_parser,
     mean_colour_image,
     plot_analysis,
     relative_change,
-    run,
     text_after_image_mask,
+)
+from asymoe.eval.analysis import (
+    main as analyze_main,
 )
 from asymoe.finetune.data import SHORT_ANSWER_PROMPT, vqa_messages
 from asymoe.tiny import build_tokenizer, tiny_config, tiny_llava, tiny_processor
@@ -173,11 +174,10 @@ def test_command_line_compares_models(tokenizer, dataset, tmp_path):
     llava.save_pretrained(tmp_path / "llava")
     llava_processor.save_pretrained(tmp_path / "llava")
     datasets.DatasetDict({"test_counter": dataset}).save_to_disk(str(tmp_path / "grounding"))
-    parser = argparse.ArgumentParser()
-    configure_parser(parser)
+    parser = make_parser()
 
     def main(*argv):
-        return run(parser.parse_args([str(arg) for arg in argv]))
+        return analyze_main(parser.parse_args([str(arg) for arg in argv]))
 
     output = tmp_path / "analysis"
     assert main(tmp_path / "asymoe", tmp_path / "llava", "--data", tmp_path / "grounding", "--limit", 2,
@@ -192,11 +192,10 @@ def test_command_line_compares_models(tokenizer, dataset, tmp_path):
 
 def test_command_line_errors(tmp_path, capsys, dataset):
     datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "grounding"))
-    parser = argparse.ArgumentParser()
-    configure_parser(parser)
-    assert run(parser.parse_args(["m", "--data", str(tmp_path / "missing")])) == 2
+    parser = make_parser()
+    assert analyze_main(parser.parse_args(["m", "--data", str(tmp_path / "missing")])) == 2
     assert "asymoe grounding" in capsys.readouterr().err
-    assert run(parser.parse_args(["m", "--data", str(tmp_path / "grounding")])) == 2
+    assert analyze_main(parser.parse_args(["m", "--data", str(tmp_path / "grounding")])) == 2
     assert "--split" in capsys.readouterr().err
-    assert run(parser.parse_args(["a", "b", "--names", "x", "--data", str(tmp_path / "grounding")])) == 2
+    assert analyze_main(parser.parse_args(["a", "b", "--names", "x", "--data", str(tmp_path / "grounding")])) == 2
     assert "--names" in capsys.readouterr().err

@@ -86,3 +86,12 @@ def test_bench_runs_and_writes_json(name, extra, tmp_path, monkeypatch):
     assert module.main(args) == 0
     record = json.loads(output.read_text())
     assert record["versions"]["torch"] and record["results"]
+    if name == "decode":
+        # With N tokens taking "N seconds", decode tokens/s = (N - 1) / (t(N) - t(1)) = 1 and prefill = t(1) = 1.
+        assert set(record["results"]) == {"dense", "vanilla", "modality", "asymoe"}
+        for entry in record["results"].values():
+            assert entry["decode_tokens_per_s"] == pytest.approx(1.0) and entry["prefill_s"] == pytest.approx(1.0)
+    else:
+        for case, entry in record["results"].items():
+            for timing in entry.values():
+                assert timing["ms"] > 0 and timing["peak_mib"] > 0, case

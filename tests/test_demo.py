@@ -2,6 +2,7 @@
 the finished stages, and the upcycled models start from the dense model's function."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -37,7 +38,9 @@ def test_stages_and_report(run):
     counts = outcome["results"]["asymoe"]["parameters"]
     assert counts["language_model_activated"] < counts["language_model"]
     layers = outcome["results"]["asymoe"]["analysis"]["layers"]
-    assert len(layers) == 4 and all(entry["evidence_sensitivity"] >= 0 for entry in layers)
+    # Blanking the image changes what every layer's FFN computes on the text after it (a broken blanking, or an
+    # analysis that read the unblanked run twice, gives exactly 0).
+    assert len(layers) == 4 and all(0 < entry["evidence_sensitivity"] < math.inf for entry in layers)
     assert not list(root.rglob(".*"))  # no temporary stage directory or file left behind
 
 

@@ -9,14 +9,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 
 from asymoe import AsyMoEForConditionalGeneration
 from asymoe.configuration import AsyMoETextConfig, ExpertLayout
+from asymoe.modeling import modeling_asymoe
 from asymoe.modeling.modeling_asymoe import (
     AsyMoEEvidenceReadout,
     AsyMoEExperts,
     AsyMoERotaryEmbedding,
     AsyMoESparseBlock,
+    reach_masks,
     router_losses,
 )
 from asymoe.tiny import build_tokenizer, tiny_config
@@ -94,13 +98,14 @@ def swiglu_reference(experts: AsyMoEExperts, hidden, index, weights) -> torch.Te
     return out
 
 
-def run_experts(experts, implementation, hidden, index, weights, evidence):
-    """Forward + backward of a fixed random linear functional; returns the output and every gradient."""
+def run_experts(experts, implementation, hidden, index, weights, evidence, module=None):
+    """Forward + backward of a fixed random linear functional through `module` (default: the experts themselves);
+    returns the output and every gradient."""
     experts.config._experts_implementation = implementation
     experts.zero_grad(set_to_none=True)
     hidden = hidden.clone().requires_grad_()
     evidence = None if evidence is None else evidence.clone().requires_grad_()
-    out = experts(hidden, index, weights, evidence)
+    out = (experts if module is None else module)(hidden, index, weights, evidence)
     (out * torch.randn(out.shape, generator=generator(123))).sum().backward()
     grads = {name: p.grad.clone() for name, p in experts.named_parameters() if p.grad is not None}
     grads["hidden_states"] = hidden.grad
@@ -147,6 +152,51 @@ def test_implementations_agree(manifold, residual, with_evidence, routing):
         out, grads = run_experts(experts, implementation, hidden, index, weights, evidence)
         torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
         assert_grads_close(grads, grads_ref)
+
+
+# transformers < 5.23: the CPU grouped-GEMM fallback's backward reads the offsets on the host (Tensor.tolist),
+# which a fullgraph compile cannot trace; 5.23 made it a traceable custom op.
+_GROUPED_BACKWARD_TRACEABLE = pytest.mark.skipif(
+    Version(transformers.__version__) < Version("5.23.0"),
+    reason="transformers < 5.23: its CPU grouped-GEMM fallback's backward cannot be compiled with fullgraph=True",
+)
+
+
+@pytest.mark.parametrize("manifold, num_tokens, kernel", [
+    pytest.param("poincare", 24, "grouped GEMM", marks=_GROUPED_BACKWARD_TRACEABLE),
+    pytest.param("lorentz", 24, "grouped GEMM", marks=_GROUPED_BACKWARD_TRACEABLE),
+    ("poincare", 3, "gather"),
+])
+def test_compiled_grouped_mm_agrees_with_eager(manifold, num_tokens, kernel, monkeypatch):
+    """Compiled (`fullgraph=True`: no graph break, no host sync), `grouped_mm` maps every row with the identity for
+    the other groups instead of reading the inter rows' bounds, and calls of at most `experts_gather_max_tokens`
+    tokens take the gather kernel; values and gradients equal the eager loop's either way."""
+    gathered = []
+    gather = modeling_asymoe.asymoe_batched_mm_experts_forward
+    monkeypatch.setattr(modeling_asymoe, "asymoe_batched_mm_experts_forward",
+                        lambda *args: gathered.append(True) or gather(*args))
+    config = text_config(manifold=manifold)
+    assert config.experts_gather_max_tokens == 4
+    experts = AsyMoEExperts(config, config.expert_layout(EVIDENCE_LAYER))
+    init_experts(experts, seed=1, bias_std=0.1)
+    g = generator(2)
+    hidden = torch.randn(num_tokens, HIDDEN, generator=g)
+    evidence = hidden + 0.5 * torch.randn(num_tokens, HIDDEN, generator=g)
+    index, weights = random_routing(num_tokens, experts.num_experts, 2, seed=3)
+    index[:3] = torch.tensor([[0, 2], [1, 3], [4, 2]])  # every group: vision | text | inter | evidence
+    out_ref, grads_ref = run_experts(experts, "eager", hidden, index, weights, evidence)
+    torch._dynamo.reset()
+    compiled = torch.compile(experts, fullgraph=True, backend="aot_eager")
+    out, grads = run_experts(experts, "grouped_mm", hidden, index, weights, evidence, module=compiled)
+    assert bool(gathered) == (kernel == "gather")
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, grads_ref)
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, None])
+def test_gather_threshold_is_validated(value):
+    with pytest.raises(ValueError, match="experts_gather_max_tokens must be an integer >= 0"):
+        text_config(experts_gather_max_tokens=value)
 
 
 @pytest.mark.parametrize("manifold", MANIFOLDS)
@@ -289,7 +339,7 @@ def test_evidence_experts_with_zero_output_projection_are_plain_ffn(evidence_set
         image_mask = evidence_mask.clone()
         out = block(hidden, image_mask, key_value, rope, evidence_mask, 0)
         flat = hidden.reshape(-1, HIDDEN)
-        _, weights, index = block.router(flat, block.reachable(image_mask))
+        _, weights, index = block.router(flat, image_mask.reshape(-1))
         assert (index[~image_mask.reshape(-1)] == 4).any(), "no text token reached the evidence expert"
         expected = block.experts(flat, index, weights, None).view_as(hidden)
     assert torch.equal(out, expected)
@@ -360,12 +410,11 @@ def test_reach_masks_follow_layout():
     assert config.expert_layout(EVIDENCE_LAYER) == ExpertLayout(1, 1, 2, 1)
     assert config.expert_layout(PLAIN_LAYER) == ExpertLayout(1, 1, 2, 0)
     assert config.expert_layout(0) is None
-    block = AsyMoESparseBlock(config, config.expert_layout(EVIDENCE_LAYER))
-    image_reach, text_reach = block.reach_masks(torch.device("cpu"))
+    layout = config.expert_layout(EVIDENCE_LAYER)
+    assert set(layout.reachable("image")) == IMAGE_IDS and set(layout.reachable("text")) == TEXT_IDS
+    image_reach, text_reach = reach_masks(layout, "cpu")
     assert set(image_reach.nonzero().flatten().tolist()) == IMAGE_IDS
     assert set(text_reach.nonzero().flatten().tolist()) == TEXT_IDS
-    reachable = block.reachable(torch.tensor([[True, False]]))
-    assert torch.equal(reachable, torch.stack([image_reach, text_reach]))
 
 
 @pytest.mark.parametrize("layer, text_ids", [(EVIDENCE_LAYER, TEXT_IDS), (PLAIN_LAYER, {1, 2, 3})])
@@ -381,8 +430,8 @@ def test_router_respects_reachability(layer, text_ids, logit_std):
         block.router.weight.copy_(torch.randn(block.router.weight.shape, generator=g) * logit_std)
     hidden = torch.randn(512, HIDDEN, generator=g)
     image_mask = torch.rand(512, generator=g) < 0.5
-    reachable = block.reachable(image_mask)
-    logits, weights, index = block.router(hidden, reachable)
+    logits, weights, index = block.router(hidden, image_mask)
+    reachable = reach_masks(block.layout, "cpu")[(~image_mask).long()]
 
     assert logits.dtype == torch.float32 and logits.shape == (512, block.layout.num_experts)
     image_picks, text_picks = set(index[image_mask].unique().tolist()), set(index[~image_mask].unique().tolist())
@@ -462,3 +511,74 @@ def test_router_losses_hand_computed():
     text_only = torch.tensor([[False, False, True, False, False]])
     aux_text, _ = router_losses((layer_a, layer_b), blocks, image_mask, text_only)
     torch.testing.assert_close(aux_text, torch.tensor((1.6 + 1.0) / 2))
+
+
+# --- loss-free load balancing -------------------------------------------------------------------------------------
+
+
+def test_balancing_bias_sign_rule_by_hand():
+    """Layer 3 (vision 0 | text 1 | inter 2, 3 | evidence 4), rate 0.01. Image loads over {0, 2, 3} = (6, 0, 3):
+    mean 3 -> biases (-.01, +.01, 0); text loads over {1, 2, 3, 4} = (1, 1, 5, 1): mean 2 -> (+.01, +.01, -.01,
+    +.01); experts a modality cannot reach keep their bias."""
+    config = text_config(router_bias_update_rate=0.01)
+    router = AsyMoESparseBlock(config, config.expert_layout(EVIDENCE_LAYER)).router
+    load = torch.tensor([[6.0, 9.0, 0.0, 3.0, 9.0], [9.0, 1.0, 1.0, 5.0, 1.0]])
+    router.update_bias(load)
+    expected = torch.tensor([[-0.01, 0.0, 0.01, 0.0, 0.0], [0.0, 0.01, 0.01, -0.01, 0.01]])
+    torch.testing.assert_close(router.e_score_correction_bias, expected)
+    router.update_bias(torch.tensor([[0.0] * 5, [2.0] * 5]))  # no image tokens, balanced text: nothing moves
+    torch.testing.assert_close(router.e_score_correction_bias, expected)
+
+
+def test_bias_steers_selection_not_weights():
+    """The bias picks the experts; their weights stay the renormalised softmax of the unbiased logits."""
+    config = text_config(num_experts_per_tok=2)
+    router = AsyMoESparseBlock(config, config.expert_layout(PLAIN_LAYER)).router  # experts 0 | 1 | 2, 3
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[:, 0] = torch.tensor([3.0, 0.0, 2.0, 1.0])  # image token logits (3, -, 2, 1) for x = e_0
+        router.e_score_correction_bias[0, 3] = 1.5  # lifts expert 3 (1 + 1.5) above expert 2 (2) for image tokens
+    hidden = torch.zeros(1, HIDDEN)
+    hidden[0, 0] = 1.0
+    _, weights, index = router(hidden, torch.tensor([True]))
+    assert sorted(index[0].tolist()) == [0, 3]
+    expected = F.softmax(torch.tensor([3.0, 1.0]), dim=-1)
+    torch.testing.assert_close(weights[0][index[0].argsort()], expected)
+
+
+def test_bias_moves_once_per_optimizer_step_while_the_router_trains(make_model, make_inputs):
+    """Forwards record loads only in training with gradients and a trainable router; each optimizer step (after any
+    number of accumulated micro-batches) moves each reachable expert's bias by exactly the rate, or not at all."""
+    model = make_model("asymoe", router_bias_update_rate=0.05).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: only the balancing changes anything
+    inputs = make_inputs(["<image> what color ?", "what shape is the <image> ?"])
+    routers = [block.router for block in model.moe_blocks()]
+
+    def biases():
+        return [router.e_score_correction_bias.clone() for router in routers]
+
+    start = biases()
+    for _ in range(3):  # gradient accumulation: three micro-batches, one step
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    after_forwards = biases()
+    optimizer.step()
+    stepped = biases()
+    assert all(torch.equal(a, b) for a, b in zip(start, after_forwards))
+    for router, before, after in zip(routers, start, stepped):
+        moved = (after - before).abs()
+        assert moved.sum() > 0 and ((moved == 0) | torch.isclose(moved, torch.tensor(0.05))).all()
+        reach = reach_masks(router.layout, "cpu")
+        assert (moved[~reach] == 0).all()
+    optimizer.step()  # no forward since the last step: nothing to balance
+    assert all(torch.equal(a, b) for a, b in zip(stepped, biases()))
+
+    with torch.no_grad():
+        model(**inputs)  # no gradients: inference
+    model.eval()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()  # eval mode
+    model.train()
+    for router in routers:
+        router.weight.requires_grad_(False)  # a frozen router (LoRA keeps the routing it was given)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(stepped, biases()))

@@ -6,21 +6,19 @@ from __future__ import annotations
 import ast
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
 import zipfile
-from importlib import metadata
 from pathlib import Path
 
 import pytest
 import torch
-from packaging.requirements import Requirement
 
 import asymoe
 from asymoe import AsyMoEForConditionalGeneration
 from asymoe.tiny import build_tokenizer, tiny_config, tiny_llava, tiny_processor
+from isolated import ALLOWED_DISTRIBUTIONS, AUTO_CLASSES, ISOLATED_SCRIPT, closure, isolated_site, run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE_SOURCES = {
@@ -29,8 +27,6 @@ BUNDLE_SOURCES = {
     "hyperbolic_asymoe.py": REPO / "modeling_asymoe" / "hyperbolic_asymoe.py",
     "processing_asymoe.py": REPO / "processing" / "processing_asymoe.py",
 }
-ALLOWED_DISTRIBUTIONS = ["torch", "transformers", "safetensors", "pillow"]
-AUTO_CLASSES = ["AutoModelForImageTextToText", "AutoModelForCausalLM", "AutoModel"]
 
 
 @pytest.fixture(scope="module")
@@ -47,92 +43,9 @@ def checkpoint(tmp_path_factory):
     return directory
 
 
-def _closure(names: list[str]) -> set[str]:
-    """Distributions `names` need at run time (their non-extra requirements, recursively)."""
-    seen, pending = set(), list(names)
-    while pending:
-        name = pending.pop().lower().replace("_", "-")
-        if name in seen:
-            continue
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            continue
-        seen.add(name)
-        for line in dist.requires or []:
-            requirement = Requirement(line)
-            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                pending.append(requirement.name)
-    return seen
-
-
-def _isolated_site(directory: Path) -> Path:
-    """A folder linking the modules and metadata of the allowed distributions' closure, nothing else."""
-    site = directory / "site"
-    site.mkdir()
-    for name in _closure(ALLOWED_DISTRIBUTIONS):
-        dist = metadata.distribution(name)
-        tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
-        for top in tops:
-            source = Path(dist.locate_file(top))
-            if top.endswith(".pth") or top == "__pycache__" or not source.exists():
-                continue
-            target = site / top
-            if not target.exists():
-                target.symlink_to(source)
-    assert not (site / "asymoe").exists()
-    return site
-
-
-ISOLATED_SCRIPT = textwrap.dedent(
-    """
-    import importlib.util, json, sys
-    assert importlib.util.find_spec("asymoe") is None, "asymoe must not be importable here"
-    for name in ("trl", "peft", "datasets", "evaluate", "accelerate"):
-        assert importlib.util.find_spec(name) is None, name + " must not be importable here"
-    import numpy as np, torch
-    from PIL import Image
-    import transformers
-    from transformers import AutoConfig, AutoProcessor, pipeline
-    directory, auto_classes = sys.argv[1], sys.argv[2].split(",")
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
-    image = Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype("uint8"))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color ?"}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
-    result = {"config": type(config).__name__, "processor": type(processor).__name__, "models": {}}
-    for name in auto_classes:
-        model = getattr(transformers, name).from_pretrained(directory, trust_remote_code=True).eval()
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        result["models"][name] = {
-            "class": type(model).__name__,
-            "module": type(model).__module__,
-            "logits_sum": float(logits.double().sum()),
-            "new_tokens": generated[0, inputs["input_ids"].shape[1]:].tolist(),
-        }
-    pipe = pipeline("image-text-to-text", model=directory, trust_remote_code=True)
-    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what ?"}]}]
-    reply = pipe(text=chat, max_new_tokens=3)[0]["generated_text"][-1]
-    result["pipeline"] = {"role": reply["role"], "content": str(reply["content"])}
-    print("RESULT " + json.dumps(result))
-    """
-)
-
-
 def test_bundle_loads_in_isolated_interpreter(checkpoint, tmp_path):
     """Every Auto class loads and generates with only torch/transformers/safetensors/pillow importable."""
-    site = _isolated_site(tmp_path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONNOUSERSITE="1")
-    code = f"import sys; sys.path.insert(0, {str(site)!r}); exec(compile(open({str(tmp_path / 'run.py')!r}).read(), 'run.py', 'exec'))"
-    (tmp_path / "run.py").write_text(ISOLATED_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, "-S", "-s", "-c", code, str(checkpoint), ",".join(AUTO_CLASSES)],
-        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
-    )
+    proc = run_isolated(tmp_path, ISOLATED_SCRIPT, str(checkpoint), ",".join(AUTO_CLASSES))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["config"] == "AsyMoEConfig" and result["processor"] == "AsyMoEProcessor"
@@ -164,20 +77,67 @@ def _local_logits_sum(directory: Path) -> float:
         return float(model(**processor(images=image, text=prompt, return_tensors="pt")).logits.double().sum())
 
 
+VERSION_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    # What a user with another release would have (set after the imports, which can re-import the package).
+    sys.modules["transformers"].__version__ = sys.argv[2]
+    AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
+    AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True)
+    AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+    """
+)
+
+
+def test_bundle_guards_its_transformers_range(checkpoint, tmp_path):
+    """The checkpoint records the transformers releases its code was tested on; under an older one loading stops
+    with the minimum to install, under a newer one it warns once, naming the newest tested release."""
+    tested = json.loads((checkpoint / "config.json").read_text())["tested_transformers"]
+    assert tested == asymoe.configuration.configuration_asymoe.TESTED_TRANSFORMERS
+    site = isolated_site(tmp_path)
+
+    older = run_isolated(tmp_path, VERSION_SCRIPT, str(checkpoint), "5.16.1", site=site)
+    assert older.returncode != 0
+    assert f"needs transformers >= {tested['minimum']}" in older.stderr and "5.16.1 is installed" in older.stderr
+
+    newer = run_isolated(tmp_path, VERSION_SCRIPT, str(checkpoint), "5.99.0", site=site)
+    assert newer.returncode == 0, newer.stderr[-4000:]
+    warned = [line for line in newer.stderr.splitlines() if "newer and untested" in line]
+    assert len(warned) == 1 and f"to {tested['newest']}" in warned[0] and "5.99.0 is newer" in warned[0]
+
+    tested_newest = run_isolated(tmp_path, VERSION_SCRIPT, str(checkpoint), tested["newest"], site=site)
+    assert tested_newest.returncode == 0 and "untested" not in tested_newest.stderr
+
+
 def test_isolated_site_excludes_toolkit(tmp_path):
     """The isolation is real: the toolkit packages are outside the closure this test exposes."""
-    closure = _closure(ALLOWED_DISTRIBUTIONS)
-    assert {"torch", "transformers", "safetensors", "pillow"} <= closure
-    assert not {"asymoe", "trl", "peft", "datasets", "evaluate", "accelerate"} & closure
+    allowed = closure(ALLOWED_DISTRIBUTIONS)
+    assert {"torch", "transformers", "safetensors", "pillow"} <= allowed
+    assert not {"asymoe", "trl", "peft", "datasets", "evaluate", "accelerate"} & allowed
+
+
+def _split_relative_imports(text: str) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
+    """The lines of `text` with its relative imports blanked, and those imports as (level, module, names)."""
+    lines = text.splitlines()
+    imports = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            imports.append((node.lineno, node.level, node.module or "", [alias.name for alias in node.names]))
+            lines[node.lineno - 1 : node.end_lineno] = [""] * (node.end_lineno - node.lineno + 1)
+    return lines, [entry[1:] for entry in sorted(imports)]
 
 
 def test_emitted_files_are_the_flattened_sources(checkpoint):
     """The bundle is generated, never hand-kept: each file equals its source with imports made flat."""
     for name, source in BUNDLE_SOURCES.items():
-        expected = re.sub(
-            r"^(\s*)from \.\.?(?:\w+\.)?(\w+) import", r"\1from .\2 import", source.read_text(), flags=re.MULTILINE
-        )
-        assert (checkpoint / name).read_text() == expected, name
+        emitted_text, emitted_imports = _split_relative_imports((checkpoint / name).read_text())
+        source_text, source_imports = _split_relative_imports(source.read_text())
+        assert emitted_text == source_text, name  # everything but the relative imports, verbatim
+        assert [(module.split(".")[-1], names) for _, module, names in source_imports] == [
+            (module, names) for _, module, names in emitted_imports], name
+        for level, module, _ in emitted_imports:  # flat siblings, as the Hub loader follows them
+            assert level == 1 and f"{module}.py" in BUNDLE_SOURCES, (name, module)
     auto_map = json.loads((checkpoint / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {
         "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoProcessor"
@@ -242,7 +202,7 @@ def test_wheel_installs_one_namespace(wheel):
 def test_model_only_install_upcycles(wheel, tmp_path):
     """`pip install asymoe` without the toolkit (torch, transformers, safetensors, pillow): `asymoe upcycle` works,
     a toolkit command says what to install."""
-    site = _isolated_site(tmp_path)
+    site = isolated_site(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(site)
     tokenizer = build_tokenizer("what color is the shape red blue".split())

@@ -1,6 +1,6 @@
 """Hyperbolic maps of the inter-modality experts (`hyperbolic_asymoe`): exp/log round trips and closed forms, Möbius
-addition and Lorentz boosts, finite values and gradients for any tangent norm (fp32 and bf16 autocast), and the
-Möbius bias at and around beta = 0."""
+addition and Lorentz boosts, finite values and gradients for tangent norms up to 1e18 (fp32 and bf16 autocast), and
+the Möbius bias at and around beta = 0."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from asymoe.modeling.hyperbolic_asymoe import (
+    _map_coefficients,
     lorentz_boost,
     lorentz_expmap0,
     lorentz_logmap0,
     mobius_add,
     mobius_bias,
+    mobius_bias_,
     mobius_bias_reference,
     mobius_translate,
     poincare_expmap0,
@@ -158,7 +160,7 @@ def test_unknown_manifold_raises():
 
 # --- mobius_bias: finiteness ------------------------------------------------------------------------------------
 
-HUGE_NORMS = [0.0, 1e-8, 1e-3, 0.5, 1.0, 5.0, 10.0, 100.0, 1e3, 1e4]
+HUGE_NORMS = [0.0, 1e-8, 1e-3, 0.5, 1.0, 5.0, 10.0, 100.0, 1e3, 1e4, 1e8, 1e12, 1e16, 1e18]
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
@@ -166,8 +168,9 @@ HUGE_NORMS = [0.0, 1e-8, 1e-3, 0.5, 1.0, 5.0, 10.0, 100.0, 1e3, 1e4]
 @pytest.mark.parametrize("manifold", MANIFOLDS)
 @pytest.mark.parametrize("beta_norm", [0.0, 1e-3, 1.0, 10.0, 1e4])
 def test_mobius_bias_finite_values_and_gradients(manifold, residual, autocast, beta_norm):
-    """Outputs and gradients wrt u, beta, scale and curvature are finite for tangent norms 0..1e4 (zero rows included),
-    in fp32 and with bf16 inputs under CPU autocast; the output keeps u's dtype."""
+    """Outputs and gradients wrt u, beta, scale and curvature are finite for tangent norms 0..1e18 (zero rows
+    included), in fp32 and with bf16 inputs under CPU autocast; the output keeps u's dtype. (Beyond ~1.8e19 a row's
+    squared norm overflows fp32: docs/design.md.)"""
     dtype = torch.bfloat16 if autocast else torch.float32
     u = torch.cat([tangents(HUGE_NORMS, seed=s) for s in range(3)]).to(dtype).requires_grad_()
     beta = tangents([beta_norm], seed=7)[0].to(dtype).requires_grad_()
@@ -258,6 +261,28 @@ def test_mobius_bias_at_origin_is_scaled_beta(manifold):
     torch.testing.assert_close(out, (scale * beta).expand(2, DIM), rtol=1e-4, atol=1e-5)
 
 
+# --- the per-row coefficients' hand-written derivatives ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "textbook"])
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+def test_coefficient_derivatives_equal_autograd(manifold, residual):
+    """The map's backward differentiates its per-row coefficients (A, B) by hand; in fp64 that equals autograd through
+    their forward, for tangent and bias radii below and beyond the clamps, zero rows and zero biases, any angle."""
+    u = torch.cat([tangents([0.0, 1e-9, 0.3, 1.0, 2.5, 7.0, 40.0, 1e3], seed=s) for s in range(4)]).double()
+    beta = torch.cat([tangents([0.0, 0.2, 1.5, 12.0], seed=10 + s) for s in range(8)]).double()
+    uu, ub, bb = (u * u).sum(-1, keepdim=True), (u * beta).sum(-1, keepdim=True), (beta * beta).sum(-1, keepdim=True)
+    scale, c = torch.tensor([1.7], dtype=torch.float64), torch.tensor([0.8], dtype=torch.float64)
+    cotangents = torch.randn(2, len(u), 1, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (uu, ub, bb, scale, c)]
+    a, b, _ = _map_coefficients(*leaves, manifold, residual)
+    ((a * cotangents[0]).sum() + (b * cotangents[1]).sum()).backward()
+    a_by_hand, b_by_hand, by_hand = _map_coefficients(uu, ub, bb, scale, c, manifold, residual, tuple(cotangents))
+    assert torch.equal(a_by_hand, a.detach()) and torch.equal(b_by_hand, b.detach())
+    for name, leaf, grad in zip(("uu", "ub", "bb", "scale", "curvature"), leaves, by_hand):
+        torch.testing.assert_close(grad, leaf.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 # --- mobius_bias (span form, what the model runs) equals mobius_bias_reference (the composed maps) ----------------
 
 
@@ -273,8 +298,9 @@ def test_fast_mobius_bias_equals_reference(manifold, residual):
     """Values and gradients (u, bias table, scale, curvature) of the fp32 span form agree with the composed maps in
     fp64 below the clamp, with a table of biases (one of them zero) chosen per row and rows left out (index -1:
     returned unchanged, identity gradient); the scalar parameters' gradients sum hundreds of rounding differences
-    amplified near the ball's edge: 1e-3 relative. Beyond the Poincaré clamp, where artanh at the ball's edge amplifies
-    1-ulp differences ~5e4-fold, both in fp32 to 5e-3."""
+    amplified near the ball's edge: 3e-3 relative (the composed maps in fp32 are 1.9e-3 and 3.2e-3 off on the
+    Poincaré curvature here). Beyond the Poincaré clamp, where artanh at the ball's edge amplifies 1-ulp differences
+    ~5e4-fold, both in fp32 to 5e-3."""
     scale, c = torch.tensor(1.7), torch.tensor(0.8)
     below = tangents(torch.linspace(0.0, 3.0, 24) * scale / c.sqrt(), seed=0)
     table = torch.cat([torch.zeros(1, DIM), tangents(torch.linspace(0.01, 1.0, 4), seed=1)])
@@ -286,7 +312,7 @@ def test_fast_mobius_bias_equals_reference(manifold, residual):
         (out * torch.linspace(-1.0, 1.0, DIM, dtype=dtype)).sum().backward()
         grads.append((out.detach().float(), *(leaf.grad.float() for leaf in leaves)))
     for name, fast, reference in zip(("out", "u", "beta", "scale", "curvature"), grads[1], grads[0]):
-        rtol = 1e-3 if name in ("scale", "curvature") else 1e-4
+        rtol = 3e-3 if name in ("scale", "curvature") else 1e-4
         torch.testing.assert_close(fast, reference, rtol=rtol, atol=1e-4, msg=name)
     assert torch.equal(grads[1][0][index < 0], below[index < 0])
 
@@ -298,9 +324,10 @@ def test_fast_mobius_bias_equals_reference(manifold, residual):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("manifold", MANIFOLDS)
-def test_mobius_bias_keeps_only_its_input_for_backward(manifold, dtype):
-    """The bias table is read through [rows, n] products, never gathered per row: of the tensors autograd saves for
-    the backward, the only full-width one is u itself (for bf16 u too: not its fp32 copy)."""
+def test_mobius_bias_keeps_only_its_output_for_backward(manifold, dtype):
+    """The map runs in place and recovers its input from its output in the backward: of the tensors autograd saves,
+    the only full-width one is the output itself, in u's dtype (which the next op of an expert keeps anyway), never
+    u or a wider copy; the bias table is read through [rows, n] products, never gathered per row."""
     rows, n = 64, 3
     u = (torch.randn(rows, DIM) * 2.0).to(dtype).requires_grad_()
     table = (torch.randn(n, DIM) * 0.1).requires_grad_()
@@ -314,7 +341,31 @@ def test_mobius_bias_keeps_only_its_input_for_backward(manifold, dtype):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         out = mobius_bias(u, table, torch.tensor([1.5]), torch.tensor([0.8]), manifold, True, index)
-    assert full_width and all(t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() for t in full_width)
+    assert full_width and all(t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for t in full_width)
+    assert all(t.dtype == dtype for t in full_width)
     out.float().sum().backward()
     assert u.grad.dtype == dtype and torch.isfinite(u.grad.float()).all()
     assert torch.isfinite(table.grad).all() and table.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+def test_in_place_map_on_rows_of_a_projection(manifold):
+    """`mobius_bias_` on a slice of a projection's output (the model's inter rows) gives the values and gradients of
+    the out-of-place map spliced into the same rows."""
+    x, weight = torch.randn(12, DIM, requires_grad=True), torch.randn(DIM, DIM) * 0.5
+    table = (torch.randn(2, DIM) * 0.3).requires_grad_()
+    scale, c = torch.tensor([1.5], requires_grad=True), torch.tensor([0.8], requires_grad=True)
+    index, probe = torch.tensor([0, 1, 1, 0, 1]), torch.randn(12, DIM)
+    results = []
+    for in_place in (True, False):
+        for leaf in (x, table, scale, c):
+            leaf.grad = None
+        out = x @ weight
+        if in_place:
+            mobius_bias_(out[4:9], table, scale, c, manifold, True, index)
+        else:
+            out = torch.cat([out[:4], mobius_bias(out[4:9], table, scale, c, manifold, True, index), out[9:]])
+        (out * probe).sum().backward()
+        results.append([out.detach(), *(leaf.grad.clone() for leaf in (x, table, scale, c))])
+    for name, actual, expected in zip(("out", "x", "beta", "scale", "curvature"), *results):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=name)

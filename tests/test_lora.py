@@ -13,7 +13,8 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText
 
 from asymoe import AsyMoEForConditionalGeneration
-from asymoe.finetune.lora import configure_parser, lora_config, merge_lora, quantization_config, run
+from asymoe.finetune.lora import lora_config, make_parser, merge_lora, quantization_config
+from asymoe.finetune.lora import main as merge_main
 from asymoe.tiny import tiny_config, tiny_processor
 
 PROMPT = "USER: <image>\nwhat color is the circle ?\nASSISTANT: red </s>"
@@ -143,9 +144,7 @@ def test_saved_adapter_reloads(base_dir, adapter, batch):
 
 def test_merged_checkpoint_equals_base_plus_adapter(base_dir, adapter, batch, tmp_path):
     directory, trained_logits = adapter
-    parser = argparse.ArgumentParser()
-    configure_parser(parser)
-    assert run(parser.parse_args([str(base_dir), str(directory), str(tmp_path / "merged")])) == 0
+    assert merge_main(make_parser().parse_args([str(base_dir), str(directory), str(tmp_path / "merged")])) == 0
 
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", trust_remote_code=True)
     torch.testing.assert_close(logits_of(merged, batch), trained_logits, atol=1e-5, rtol=1e-5)
@@ -172,7 +171,7 @@ def test_merged_checkpoint_equals_base_plus_adapter(base_dir, adapter, batch, tm
 def test_merge_errors_name_the_problem(base_dir, adapter, tmp_path, capsys):
     directory, _ = adapter
     args = argparse.Namespace(base=str(base_dir), adapter=str(base_dir), output=str(tmp_path / "out"), dtype="auto")
-    assert run(args) == 2
+    assert merge_main(args) == 2
     assert "holds no PEFT adapter" in capsys.readouterr().err
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")

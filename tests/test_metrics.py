@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from asymoe.eval import scoring
-from asymoe.eval.answers import choice_letter, mme_yes_no, normalize_answer, pope_yes_no
+from asymoe.eval.answers import evalai_answer, mmbench_letter, mme_yes_no, normalize_answer, pope_yes_no, scienceqa_letter
 from asymoe.eval.scoring import available_metrics, load_metric
 
-NAMES = ["exact_match", "mme", "multiple_choice", "pope", "vqa_accuracy"]
+NAMES = ["exact_match", "gqa", "mmbench", "mme", "pope", "scienceqa", "vqa_accuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +62,20 @@ def test_load_offline_with_an_empty_cache(tmp_path):
      # Spacing or deleting is decided on the answer as given: "-" is next to no space in it, so both become spaces
      # (deciding after "/" became a space would delete them: "x y zw").
      ("x/-y z-w", "x y z w"),
-     ("its", "its"), ("Im", "im")],  # not in the official table (its "Im" never matches a lowercased word)
+     ("its", "its"), ("Im", "im"),  # not in the official table (its "Im" never matches a lowercased word)
+     ("a" + "." * 40, "a" + "." * 8)],  # the references remove at most 32 periods (re.UNICODE passed as the count)
 )
 def test_vqa_normalisation(raw, normalised):
     assert normalize_answer(raw) == normalised
+
+
+@pytest.mark.parametrize(
+    ("raw", "processed"),
+    [("What's", "what 's"), ("coca,cola", "cocacola"), ("Why?", "why"), ("1,000", "1000"), ("A t-shirt.", "t shirt"),
+     ("the cat's", "cat 's"), ("whats", "what's"), ("Two\tdogs", "2 dogs")],
+)
+def test_evalai_answer_processor(raw, processed):
+    assert evalai_answer(raw) == processed
 
 
 def test_vqa_accuracy_leave_one_out(metrics):
@@ -80,15 +90,14 @@ def test_vqa_accuracy_leave_one_out(metrics):
 
 
 def test_vqa_accuracy_with_fewer_answers(metrics):
-    # k = min(3, n - 1) matches needed. n = 3, all "red" (k = 2): each subset of 2 has 2 matches -> 1.
-    # n = 4, 2 of 4 "red" (k = 3): leaving out a red leaves 1 (1/3, twice), else 2 (2/3, twice) -> 0.5.
-    # n = 2, one "dog" (k = 1): leaving out the dog leaves 0, leaving out the cat leaves 1 (1/1) -> 0.5.
-    # n = 1: exact match; VizWiz's "unanswerable" is an answer like any other -> 1.
+    # The references' formula for any number n of answers: mean over the n subsets of n - 1 of min(1, matches / 3).
+    # Three "red" (2 matches per subset): 2/3. Four, two "red": leaving a red out leaves 1 (1/3, twice), else 2
+    # (2/3, twice): 0.5. One answer: no other answers to match, 0.
     result = metrics["vqa_accuracy"].compute(
-        predictions=["red", "red", "a dog", "Unanswerable"],
-        references=[["red"] * 3, ["red", "red", "blue", "pink"], ["dog", "cat"], ["unanswerable"]],
+        predictions=["red", "red", "red"], references=[["red"] * 3, ["red", "red", "blue", "pink"], ["red"]],
+        scoring="m4c",
     )
-    assert result["vqa_accuracy"] == pytest.approx((1 + 0.5 + 0.5 + 1) / 4)
+    assert result["vqa_accuracy"] == pytest.approx((2 / 3 + 0.5 + 0) / 3)
 
 
 def test_exact_match(metrics):
@@ -143,38 +152,55 @@ def test_mme(metrics):
         metrics["mme"].compute(predictions=["yes"], references=["Y"], question_ids=["a"], categories=["OCR"])
     with pytest.raises(ValueError, match="needs question_ids"):
         metrics["mme"].compute(predictions=["yes"], references=["Yes"])
+    with pytest.raises(ValueError, match=r"the two questions of each image together; images \['OCR/b'\]"):
+        metrics["mme"].compute(predictions=["yes"] * 3, references=["Yes"] * 3, question_ids=["a", "a", "b"],
+                               categories=["OCR"] * 3)
 
 
-def test_multiple_choice(metrics):
-    # "B" right; "The answer is A." right; "paris" is option B: right; "(C) x" vs D: wrong -> 3/4. Circular: q1
-    # (rows 1, 2) all right, q2 (rows 3, 4) not -> 1/2.
-    result = metrics["multiple_choice"].compute(
-        predictions=["B", "The answer is A.", "paris", "(C) x"],
-        references=["B", "A", "B", "D"],
-        options=[["x", "y"], ["x", "y"], ["london", "paris"], ["a", "b", "c", "d"]],
-        question_ids=["q1", "q1", "q2", "q2"],
+def test_mmbench_circular(metrics):
+    # Question 0: main row and its variant (index + 1,000,000) right -> right. Question 1: variant wrong -> wrong.
+    # Index 2,000,005 is a variant whose main row (5) is absent: it does not count, right or wrong. 1/2.
+    options = [["cat", "dog", None, None]] * 5
+    result = metrics["mmbench"].compute(
+        predictions=["A", "B", "B", "A", "A"], references=["A", "B", "B", "B", "B"], options=options,
+        indices=[0, 1_000_000, 1, 1_000_001, 2_000_005],
     )
-    assert result == pytest.approx({"accuracy": 0.75, "circular_accuracy": 0.5})
-    # Without question_ids there is no circular score; letters in any case.
-    assert metrics["multiple_choice"].compute(predictions=["b."], references=["b"]) == {"accuracy": 1.0}
-    with pytest.raises(ValueError, match="'E' is not an option letter"):  # a two-option question has no E
-        metrics["multiple_choice"].compute(predictions=["A"], references=["E"], options=[["x", "y"]])
+    assert result == {"accuracy": 0.5}
+    with pytest.raises(ValueError, match="no MMBench main rows"):
+        metrics["mmbench"].compute(predictions=["A"], references=["A"], options=options[:1], indices=[1_000_000])
+    with pytest.raises(ValueError, match="needs options"):
+        metrics["mmbench"].compute(predictions=["A"], references=["A"])
+    with pytest.raises(ValueError, match=r"references must be option letters \(ABCD\), got \['E'\]"):
+        metrics["mmbench"].compute(predictions=["A"], references=["E"], options=options[:1], indices=[0])
+    with pytest.raises(ValueError, match="indices must be integers"):
+        metrics["mmbench"].compute(predictions=["A"], references=["A"], options=options[:1], indices=["q1"])
+
+
+def test_scoring_choices(metrics):
+    with pytest.raises(ValueError, match=r"scienceqa has no scoring 'llava'; choose one of \['llava-1.5', 'lmms-eval'\]"):
+        metrics["scienceqa"].compute(predictions=["A"], references=["A"], scoring="llava")
+    with pytest.raises(ValueError, match=r"references must be option letters \(ABCDE\), got \['F'\]"):
+        metrics["scienceqa"].compute(predictions=["A"], references=["F"])
+    with pytest.raises(ValueError, match="pope has no scoring 'lmms-eval'"):
+        metrics["pope"].compute(predictions=["yes"], references=["yes"], scoring="lmms-eval")
 
 
 def test_answer_parsers():
     assert pope_yes_no("No, there is not.") == "no" and pope_yes_no("Yes. Not really") == "yes"
     assert pope_yes_no("Not really") == "yes"  # LLaVA matches "no", "No" and "not", not "Not"
     assert mme_yes_no("Yes, it is") == "yes" and mme_yes_no("not") == "no" and mme_yes_no("It is") is None
-    assert choice_letter("B. a cat") == "B" and choice_letter("(C)") == "C" and choice_letter("Answer: (D)") == "D"
-    assert choice_letter("I'd say C") is None and choice_letter("Z", ["a", "b"]) is None
-    # "A cat" is the text of option B, not the letter A; whole words only; an exact text beats containment.
-    assert choice_letter("A cat", ["dog", "cat"]) == "B" and choice_letter("category", ["cat", "dog"]) is None
-    assert choice_letter("Cats.", ["cat", "cats"]) == "B" and choice_letter("a cat or a dog", ["cat", "dog"]) is None
+    assert mme_yes_no("y") is None and mme_yes_no("y", "lmms-eval") == "yes"
+    assert scienceqa_letter("The answer is F.") is None  # LLaVA's options are A-E
+    assert scienceqa_letter("B. cat") == "B" and scienceqa_letter("B.", "lmms-eval") == "B"
+    # The matcher, the option texts, then the extractor, which ranks an opening letter over "the answer is".
+    assert mmbench_letter("(C)", ["x", "y", "z"]) == "C" and mmbench_letter("a z", ["x", "y", "z"]) == "C"
+    assert mmbench_letter("B then the answer is C", ["x", "y", "z"]) == "B"
+    assert mmbench_letter("nothing", [None, None]) is None
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_empty_input(metrics, name):
-    extra = {"mme": {"question_ids": [], "categories": []}}.get(name, {})
+    extra = {"mme": {"question_ids": [], "categories": []}, "mmbench": {"options": [], "indices": []}}.get(name, {})
     with pytest.raises(ValueError, match="no predictions"):
         metrics[name].compute(predictions=[], references=[], **extra)
 
@@ -183,7 +209,7 @@ def test_mismatched_lengths(metrics):
     with pytest.raises(ValueError, match="number of predictions"):
         metrics["exact_match"].compute(predictions=["a", "b"], references=["a"])
     with pytest.raises(ValueError, match="inputs differ in length"):
-        metrics["multiple_choice"].compute(predictions=["A", "B"], references=["A", "B"], question_ids=["q1"])
+        metrics["mmbench"].compute(predictions=["A", "B"], references=["A", "B"], options=[[], []], indices=[0])
     with pytest.raises(ValueError, match="inputs differ in length"):
         metrics["mme"].compute(predictions=["yes"], references=["Yes"], question_ids=["a", "b"], categories=["OCR"])
     with pytest.raises(ValueError, match="no reference answers"):

@@ -17,14 +17,12 @@ def routed():
     chosen = []
     hooks = [b.router.register_forward_hook(lambda m, a, out: chosen.append(out[2])) for b in model.moe_blocks()]
     stats = RoutingStatistics(config)
-    handle = stats.track(model)
+    handles = stats.track(model)
     image = config.image_token_id
     input_ids = torch.tensor([[0, 0, 2] + [image] * 16 + [5, 6], [2] + [image] * 16 + [5, 6, 7, 8]])
     attention_mask = (input_ids != 0).long()
-    model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=torch.randn(2, 3, 32, 32),
-          output_router_logits=True)
-    handle.remove()
-    for hook in hooks:
+    model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=torch.randn(2, 3, 32, 32))
+    for hook in [*handles, *hooks]:
         hook.remove()
     return config, stats, chosen, input_ids, attention_mask
 
@@ -50,14 +48,42 @@ def test_summary_respects_reachability(routed):
         assert entry["image"]["group_load"].get("evidence", 0.0) == 0.0
         assert entry["text"]["group_load"]["vision"] == 0.0
         assert 0.0 < entry["text"]["entropy"] <= 1.0
-    assert set(stats.log_scalars()) >= {"routing/L1/image/inter", "routing/L3/text/evidence", "routing/L3/text/entropy"}
+        for modality, reach in (("image", 3), ("text", 4)):
+            reachable = [entry[modality]["expert_load"][e] for e in config.text_config.expert_layout(
+                entry["layer"]).reachable(modality)]
+            assert entry[modality]["imbalance"] == pytest.approx(max(reachable) * len(reachable))
+            assert 1.0 <= entry[modality]["imbalance"] <= len(reachable)
+    assert set(stats.log_scalars()) >= {"routing/L1/image/inter", "routing/L3/text/evidence", "routing/L3/text/entropy",
+                                        "routing/L3/text/imbalance"}
+
+
+def test_checkpointing_recompute_is_counted_once(make_model, make_inputs):
+    """A training step with activation checkpointing re-runs every layer's forward inside the backward; the routing
+    statistics count each token once, as without checkpointing."""
+    from asymoe.compat import enable_activation_checkpointing
+
+    counts = []
+    for checkpointing in (False, True):
+        model = make_model().train()
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        stats = RoutingStatistics(model.config)
+        handles = stats.track(model)
+        inputs = make_inputs(["<image> what color ?", "what shape is the <image> ?"])
+        model(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
+        for handle in handles:
+            handle.remove()
+        counts.append((stats.tokens.clone(), [slots.clone() for slots in stats.slots]))
+    assert torch.equal(counts[0][0], counts[1][0]) and counts[0][0].sum() > 0
+    assert all(torch.equal(a, b) for a, b in zip(counts[0][1], counts[1][1]))
 
 
 def test_plot_and_errors(routed, tmp_path):
     config, stats, *_ = routed
     path = plot_routing(stats.summary(), tmp_path / "routing.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+    other = AsyMoEForConditionalGeneration(tiny_config(build_tokenizer([]), moe_layers=[1]))
     with pytest.raises(ValueError, match="MoE layers"):
-        stats.update((torch.zeros(3, 4),), torch.zeros(1, 3, dtype=torch.bool))
+        stats.track(other)
     with pytest.raises(ValueError, match="dense"):
         plot_routing([], tmp_path / "dense.png")

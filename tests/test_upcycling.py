@@ -33,6 +33,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from isolated import remote_generations
+
 from asymoe import AsyMoEForConditionalGeneration
 from asymoe.cli import main as cli_main
 from asymoe.tiny import build_tokenizer
@@ -181,6 +183,18 @@ def test_copy_mode_keeps_logits_and_generation(backbone, sources, tmp_path):
             assert (output / name).is_file(), name
         card = (output / "README.md").read_text()
         assert f"AsyMoE ({variant})" in card and '"mode": "copy"' in card
+
+
+def test_copy_mode_generation_through_remote_code(sources, tmp_path):
+    """Where asymoe is not installed, every backbone x variant loads with `trust_remote_code`, and its greedy tokens
+    with the KV cache equal those without it and the dense source's (transformers' LLaVA)."""
+    checkpoints = {str(upcycle(sources[backbone]["dir"], tmp_path / f"{backbone}-{variant}", moe_variant=variant)):
+                   (backbone, variant) for backbone in BACKBONES for variant in VARIANTS}
+    generations = remote_generations(tmp_path, {
+        directory: sources[backbone]["inputs"] for directory, (backbone, _) in checkpoints.items()})
+    for directory, (backbone, variant) in checkpoints.items():
+        expected = sources[backbone]["generated"].tolist()
+        assert generations[directory]["cached"] == generations[directory]["uncached"] == expected, (backbone, variant)
 
 
 def test_qwen3_and_mistral_flags_reach_the_config(sources, tmp_path):
@@ -335,7 +349,7 @@ def test_cli_upcycle_and_report(sources, tmp_path, capsys):
 
 
 def test_killed_upcycle_leaves_no_checkpoint(sharded_source, tmp_path):
-    """SIGKILL after the first source shard: nothing appears at DST; a rerun then succeeds."""
+    """SIGKILL after the first source shard: nothing appears at DST; a rerun cleans up, says so, and succeeds."""
     output = tmp_path / "killed"
     env = {**os.environ, CRASH_HOOK_ENV: "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
@@ -345,11 +359,54 @@ def test_killed_upcycle_leaves_no_checkpoint(sharded_source, tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not output.exists()
     assert not list(tmp_path.rglob("config.json")) and not list(tmp_path.rglob("model.safetensors.index.json"))
-    (partial,) = tmp_path.glob(".killed.upcycling-*")  # the half-written work stayed in the hidden temp dir
+    (partial,) = tmp_path.glob(".killed.partial-*")  # the half-written work stayed in the hidden temp dir
     assert any(p.stat().st_size > 0 for p in partial.glob("*.safetensors"))
-    with pytest.warns(UserWarning, match="interrupted"):
+    with pytest.warns(UserWarning, match=f"removed {partial.name}, an interrupted write of {output}"):
         assert upcycle(sharded_source, output) == output.absolute()
     assert (output / "config.json").is_file()
+    assert not list(tmp_path.glob(".killed.*"))  # the rerun cleaned up after the killed one
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_interrupted_overwrite_is_recovered(sources, tmp_path, capsys):
+    """A crash inside --overwrite's swap leaves DST missing, the old checkpoint in a hidden `.replaced-*` sibling
+    and the new one half-moved: the next run puts the old checkpoint back, removes the rest, and says so."""
+    source, output = sources["llama"]["dir"], tmp_path / "out"
+    upcycle(source, output, moe_variant="modality")
+    before = (output / "config.json").read_text()
+    pid = _dead_pid()
+    output.rename(tmp_path / f".out.replaced-{pid}-0a1b2c3d")
+    (tmp_path / f".out.partial-{pid}-4e5f6a7b").mkdir()
+    (tmp_path / f".out.partial-{pid}-4e5f6a7b" / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 64)
+    with pytest.warns(UserWarning) as caught:
+        assert cli_main(["upcycle", str(source), str(output), "--no-report"]) == 2  # DST is back: not empty
+    messages = " ".join(str(w.message) for w in caught)
+    assert f"restored {output}" in messages and f"removed .out.partial-{pid}-4e5f6a7b" in messages
+    assert "not empty" in capsys.readouterr().err
+    assert (output / "config.json").read_text() == before
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_bad_destinations_fail_clearly_and_leave_the_source(sources, tmp_path, capsys):
+    source = sources["llama"]["dir"]
+    files = {path: path.read_bytes() for path in source.iterdir()}
+    for destination in (source, source / "inside"):
+        assert cli_main(["upcycle", str(source), str(destination), "--overwrite", "--no-report"]) == 2
+        assert "upcycling would replace the source" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in source.iterdir()} == files
+    assert cli_main(["upcycle", str(source), "/sys/asymoe-upcycled", "--no-report"]) == 2  # not writable, even as root
+    assert "cannot write into /sys" in capsys.readouterr().err
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text("{not json")
+    assert cli_main(["upcycle", str(damaged), str(tmp_path / "out"), "--no-report"]) == 2
+    assert f"{damaged / 'config.json'} is not valid JSON" in capsys.readouterr().err
 
 
 def _write_config(directory: Path, config) -> Path:

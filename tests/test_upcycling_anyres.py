@@ -5,9 +5,6 @@ generations on the same processor outputs; the upcycled checkpoint loads as isol
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_hub_bundle import AUTO_CLASSES, ISOLATED_SCRIPT, _isolated_site
+from isolated import AUTO_CLASSES, ISOLATED_SCRIPT, remote_generations, run_isolated
 from test_upcycling import BACKBONES, CLIP, TEMPLATE, TEXT, WORDS, _check_same_function, _generate, _rewrite_keys
 from transformers import (
     CLIPVisionConfig,
@@ -186,6 +183,21 @@ def test_legacy_top_level_image_newline_key(sources, tmp_path):
     _check_same_function(source, upcycle(directory, tmp_path / "out", moe_variant="asymoe"), _inputs)
 
 
+@pytest.mark.filterwarnings("ignore:the source's LlavaOnevisionProcessor cannot be built here")
+def test_copy_mode_generation_through_remote_code(sources, tmp_path):
+    """Where asymoe is not installed, every family x backbone x variant loads with `trust_remote_code`, and its greedy
+    tokens with the KV cache equal those without it and the dense source's (transformers' LLaVA-NeXT / OneVision)."""
+    checkpoints = {
+        str(upcycle(sources[key]["dir"], tmp_path / f"{key[0]}-{key[1]}-{variant}", moe_variant=variant)): key
+        for key in sources for variant in VARIANTS
+    }
+    generations = remote_generations(tmp_path, {directory: sources[key]["inputs"]
+                                                for directory, key in checkpoints.items()})
+    for directory, key in checkpoints.items():
+        expected = sources[key]["generated"].tolist()
+        assert generations[directory]["cached"] == generations[directory]["uncached"] == expected, directory
+
+
 def test_anyres_geometry_matches_transformers():
     """`anyres_layout` (shared by the processor and the model) against transformers' own feature counts."""
     tokenizer = build_tokenizer(WORDS)
@@ -233,15 +245,7 @@ def test_upcycled_next_checkpoint_loads_in_isolated_interpreter(sources, tmp_pat
     """The upcycled LLaVA-NeXT checkpoint runs as remote code where only torch/transformers/safetensors/pillow
     are importable, and computes there what it computes here."""
     output = upcycle(sources["next", "llama"]["dir"], tmp_path / "upcycled", moe_variant="asymoe")
-    site = _isolated_site(tmp_path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONNOUSERSITE="1")
-    (tmp_path / "run.py").write_text(ISOLATED_SCRIPT)
-    code = f"import sys; sys.path.insert(0, {str(site)!r}); exec(compile(open('run.py').read(), 'run.py', 'exec'))"
-    proc = subprocess.run(
-        [sys.executable, "-S", "-s", "-c", code, str(output), ",".join(AUTO_CLASSES)],
-        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
-    )
+    proc = run_isolated(tmp_path, ISOLATED_SCRIPT, str(output), ",".join(AUTO_CLASSES))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     models = result["models"]

@@ -1,15 +1,18 @@
-"""Exact match after the VQA answer normalisation (GQA, the grounding benchmark, easy-vqa)."""
+"""Exact match after the official VQA answer normalisation (the project's tasks: the grounding benchmark, easy-vqa)."""
 
 import datasets
 import evaluate
 
-from asymoe.eval.answers import check_lengths, normalize_answer
+from asymoe.eval.answers import check_lengths, check_scoring, normalize_answer
+
+SCORINGS = ("vqa",)
 
 _KWARGS = """
 Args:
     predictions (`list[str]`): model answers.
     references (`list[str]` or `list[list[str]]`): the answer, or the accepted answers, of each question; both
         forms may be mixed.
+    scoring (`str`, *optional*): "vqa" (the only one): both sides get the official VQA normalisation.
 Returns:
     exact_match (`float`): share of predictions equal to a reference after normalisation, in [0, 1].
 """
@@ -42,7 +45,8 @@ class ExactMatch(evaluate.Metric):
         references = None if references is None else [_as_answer_list(r) for r in references]
         super().add_batch(predictions=predictions, references=references, **kwargs)
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, scoring="vqa"):
+        check_scoring(scoring, SCORINGS, "exact_match")
         count = check_lengths(predictions=predictions, references=references)
         if any(len(accepted) == 0 for accepted in references):
             raise ValueError("a question has no reference answer: give each at least one.")

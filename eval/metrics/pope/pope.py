@@ -3,13 +3,16 @@
 import datasets
 import evaluate
 
-from asymoe.eval.answers import check_lengths, pope_yes_no, yes_no_references
+from asymoe.eval.answers import check_lengths, check_scoring, pope_yes_no, yes_no_references
+
+SCORINGS = ("llava-1.5",)
 
 _KWARGS = """
 Args:
     predictions (`list[str]`): free-form answers, read as LLaVA's POPE evaluation does: "no" if the first sentence
         has the word "no", "No" or "not", otherwise "yes".
     references (`list[str]`): "yes" or "no" (any case).
+    scoring (`str`, *optional*): "llava-1.5" (the only one): LLaVA's `eval_pope.py`.
 Returns:
     accuracy, precision, recall, f1 (positive class "yes"; 0 when undefined), yes_ratio (share of "yes" readings),
     all `float` in [0, 1].
@@ -29,7 +32,8 @@ class Pope(evaluate.Metric):
             features=datasets.Features({"predictions": text, "references": text}),
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, scoring="llava-1.5"):
+        check_scoring(scoring, SCORINGS, "pope")
         count = check_lengths(predictions=predictions, references=references)
         truth = yes_no_references(references, "POPE")
         said = [pope_yes_no(prediction) for prediction in predictions]
