@@ -1,7 +1,8 @@
 """The grounding benchmark: procedural scenes whose training split carries strong language priors.
 
 Every shape has a default colour (circle → red, ...). In `train` a scene's main object takes its default colour
-with probability `prior_strength`, so a model can answer many questions without looking. The test splits separate
+with probability `prior_strength`, so a model can answer many questions without looking. `test_balanced` has no
+prior (colours uniform, as in the dense model's pre-training): plain competence. The other test splits separate
 the two behaviours the paper contrasts (DESIGN §1): in `test_prior` the image agrees with the prior, in
 `test_counter` it contradicts it at every taxonomy level (accuracy there = grounding), and `test_hierarchy` asks
 each scene's questions at both levels of the shape/colour taxonomy (leaf: "red", "circle"; family: "warm",
@@ -41,7 +42,7 @@ DEFAULT_SHAPE = {colour: shape for shape, colour in DEFAULT_COLOUR.items()}
 SHAPES = tuple(SHAPE_FAMILY)
 QUESTION_TYPES = ("color", "color_family", "shape", "shape_family")
 LEVEL = {"color": "leaf", "shape": "leaf", "color_family": "family", "shape_family": "family"}
-EVALUATION_KINDS = ("prior", "counter", "hierarchy")
+EVALUATION_KINDS = ("balanced", "prior", "counter", "hierarchy")
 SPLITS = ("train", *(f"{part}_{kind}" for part in ("validation", "test") for kind in EVALUATION_KINDS))
 
 
@@ -218,6 +219,8 @@ def _split_rows(config: GroundingConfig, split: str, size: int) -> list[dict]:
         question_type = QUESTION_TYPES[index % len(QUESTION_TYPES)]
         if split == "train":
             agree, counter_family = rng.random() < config.prior_strength, False
+        elif kind == "balanced":  # no prior: every colour equally likely for every shape, as in pre-training
+            agree, counter_family = rng.random() < 1 / len(COLOURS), False
         elif kind == "prior":
             agree, counter_family = True, False
         elif kind == "counter":

@@ -47,12 +47,16 @@ def test_split_statistics(dataset):
     assert stats["test_counter"]["prior_consistent"] == 0.0 and stats["test_counter"]["prior_only_accuracy"] == 0.0
     assert stats["test_hierarchy"]["levels"] == {"leaf": 48, "family": 48}
     assert stats["test_hierarchy"]["prior_consistent"] == 0.5
+    # Balanced: no prior, a default pair as often as uniform colours make one (1/6); 96 + 48 rows, 5 std.
+    balanced = (96 * stats["test_balanced"]["prior_consistent"] + 48 * stats["validation_balanced"]["prior_consistent"])
+    assert abs(balanced / 144 - 1 / 6) < 5 * math.sqrt(1 / 6 * 5 / 6 / 144)
     # The validation splits are built like the test splits, from their own random streams.
-    for kind in ("prior", "counter", "hierarchy"):
+    for kind in ("balanced", "prior", "counter", "hierarchy"):
         validation, test = stats[f"validation_{kind}"], stats[f"test_{kind}"]
         assert validation["rows"] == 48
-        assert validation["prior_only_accuracy"] == test["prior_only_accuracy"]
-        assert validation["prior_consistent"] == test["prior_consistent"]
+        if kind != "balanced":  # drawn, not fixed, there
+            assert validation["prior_only_accuracy"] == test["prior_only_accuracy"]
+            assert validation["prior_consistent"] == test["prior_consistent"]
         assert not set(dataset[f"validation_{kind}"]["scene"]) & set(dataset[f"test_{kind}"]["scene"])
     assert stats["validation_hierarchy"]["levels"] == {"leaf": 24, "family": 24}
 
