@@ -29,8 +29,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from .io import atomic_directory, atomic_save_figure, atomic_write_text
 
 CHANCE = {"color": 1 / 6, "color_family": 1 / 2, "shape": 1 / 6, "shape_family": 1 / 3}
@@ -267,9 +265,9 @@ def _evaluate(model_dir: Path, easy_vqa_dir: Path | None, data: Path, config: Co
     record = {"results": results, "parameters": model_parameter_counts(model), "analysis": analysis}
     if easy_vqa_dir is not None:
         model, processor = _load(easy_vqa_dir)
-        record["results"].update(evaluate_model(model, processor, ["easy_vqa"], {"easy_vqa": str(data / "easy_vqa_test")},
-                                                batch_size=config.eval_batch_size, max_new_tokens=2,
-                                                output_dir=target))
+        record["results"].update(evaluate_model(
+            model, processor, ["easy_vqa"], {"easy_vqa": str(data / "easy_vqa_test")},
+            batch_size=config.eval_batch_size, max_new_tokens=2, output_dir=target))
     atomic_write_text(target / "results.json", json.dumps(record, indent=2))
 
 
@@ -328,6 +326,7 @@ def traces(record: dict, start: dict) -> dict[str, float | None]:
                     if layers_wanted is None or entry["layer"] in layers_wanted)
 
     evidence_layers = counter["model"]["evidence_layers"]
+    asymmetric = counter["model"]["moe_variant"] == "asymoe"  # vanilla MoE's shared experts are not inter experts
     readouts = [entry["evidence_readout"] for entry in layers if "evidence_readout" in entry]
     hyperbolic = [entry["hyperbolic"] for entry in layers if "hyperbolic" in entry]
     training = record.get("training_routing") or []
@@ -339,8 +338,8 @@ def traces(record: dict, start: dict) -> dict[str, float | None]:
         "injection": mean(r["injection"] for r in readouts),
         "‖W_o‖": mean(r["w_o_norm"] for r in readouts),
         "ΔS deep": sensitivity(counter) - sensitivity(start["analysis"]["counter"]),
-        "inter share family": group_share(record["analysis"]["family"]["routing"], "inter"),
-        "inter share leaf": group_share(record["analysis"]["leaf"]["routing"], "inter"),
+        "inter share family": group_share(record["analysis"]["family"]["routing"], "inter") if asymmetric else None,
+        "inter share leaf": group_share(record["analysis"]["leaf"]["routing"], "inter") if asymmetric else None,
         "‖β‖": mean(mean(h["mobius_bias_norm"].values()) for h in hyperbolic),
         "c": mean(h["curvature"] for h in hyperbolic),
     }
@@ -426,7 +425,6 @@ def write_report(root: Path, evaluation: Path, config: ComparisonConfig, results
         "Configuration: `" + json.dumps(asdict(config)) + "`", "",
     ]
     return atomic_write_text(root / "report.md", "\n".join(lines))
-
 
 
 def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

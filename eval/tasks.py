@@ -2,8 +2,8 @@
 
 Standard suite (schemas and splits of the lmms-lab copies lmms-eval uses; prompts as LLaVA-1.5's evaluation):
 VQAv2, GQA, TextVQA, VizWiz, ScienceQA-IMG, POPE, MME, MMBench. Project tasks: the grounding benchmark's test
-and validation splits, and easy-vqa. Every task reads a local copy with `--data task=PATH` (parquet file or folder, JSON, or a
-`save_to_disk` directory); without one it loads the Hub copy (network). See docs/evaluation.md.
+and validation splits, and easy-vqa. Every task reads a local copy with `--data task=PATH` (parquet file or
+folder, JSON, or a `save_to_disk` directory); without one it loads the Hub copy (network). See docs/evaluation.md.
 """
 
 from __future__ import annotations

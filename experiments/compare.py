@@ -152,7 +152,8 @@ def markdown(summary: dict, seeds: list[int], part: str) -> str:
         lines += [f"Paired differences to {title}, seed by seed: mean [95% t-interval].", "",
                   f"| model | {' | '.join(metrics)} |", "|---" * (len(metrics) + 1) + "|"]
         for model, row in rows.items():
-            lines.append(f"| {model} | " + " | ".join(_paired_cell(row[m]) if m in row else "–" for m in metrics) + " |")
+            cells = [_paired_cell(row[m]) if m in row else "–" for m in metrics]
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Counter-prior accuracy per seed:", "", f"| model | {' | '.join(f'seed {s}' for s in seeds)} |",
               "|---" * (len(seeds) + 1) + "|"]

@@ -48,8 +48,8 @@ def test_split_statistics(dataset):
     assert stats["test_hierarchy"]["levels"] == {"leaf": 48, "family": 48}
     assert stats["test_hierarchy"]["prior_consistent"] == 0.5
     # Balanced: no prior, a default pair as often as uniform colours make one (1/6); 96 + 48 rows, 5 std.
-    balanced = (96 * stats["test_balanced"]["prior_consistent"] + 48 * stats["validation_balanced"]["prior_consistent"])
-    assert abs(balanced / 144 - 1 / 6) < 5 * math.sqrt(1 / 6 * 5 / 6 / 144)
+    test, validation = stats["test_balanced"]["prior_consistent"], stats["validation_balanced"]["prior_consistent"]
+    assert abs((96 * test + 48 * validation) / 144 - 1 / 6) < 5 * math.sqrt(1 / 6 * 5 / 6 / 144)
     # The validation splits are built like the test splits, from their own random streams.
     for kind in ("balanced", "prior", "counter", "hierarchy"):
         validation, test = stats[f"validation_{kind}"], stats[f"test_{kind}"]
