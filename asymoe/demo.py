@@ -243,8 +243,8 @@ def _load(model_dir: Path):
 
 
 def _evaluate(model_dir: Path, easy_vqa_dir: Path | None, data: Path, config: ComparisonConfig, target: Path) -> None:
-    """Accuracy on the grounding splits (and easy-vqa's test questions for the easy-vqa model), parameter counts,
-    and the traces on the validation splits: counter-prior rows, and hierarchy rows per level."""
+    """Accuracy on the grounding splits (in test runs also on easy-vqa's test questions, for the easy-vqa model),
+    parameter counts, and the traces on the validation splits: counter-prior rows, and hierarchy rows per level."""
     from .eval.analysis import analyze
     from .eval.grounding import load_grounding
     from .eval.runner import evaluate_model
@@ -263,7 +263,7 @@ def _evaluate(model_dir: Path, easy_vqa_dir: Path | None, data: Path, config: Co
         analysis[level] = analyze(model, processor, rows, limit=config.analysis_rows // 2,
                                   batch_size=config.eval_batch_size)
     record = {"results": results, "parameters": model_parameter_counts(model), "analysis": analysis}
-    if easy_vqa_dir is not None:
+    if easy_vqa_dir is not None and config.read_test:  # easy-vqa has no validation split: test runs only
         model, processor = _load(easy_vqa_dir)
         record["results"].update(evaluate_model(
             model, processor, ["easy_vqa"], {"easy_vqa": str(data / "easy_vqa_test")},
