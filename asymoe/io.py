@@ -1,4 +1,4 @@
-"""Atomic writes: a reader, or a crash, never sees a half-written results file or checkpoint.
+"""Atomic writes: a reader, or a crash, never sees a half-written results file, plot or checkpoint.
 
 Temporary siblings carry the writing process's id (`.<name>.partial-<pid>-<random>`), so that a later run can tell
 what an interrupted run left behind from what a running one is writing, and clean up or recover. Files and
@@ -32,6 +32,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_text_atomically(path, text)
+
+
+def atomic_save_figure(figure, path: str | os.PathLike) -> Path:
+    """Save a matplotlib `figure` as PNG to a temporary sibling of `path`, rename it onto `path` (creating the
+    parent) and close the figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_sibling(path, "partial")
+    try:
+        figure.savefig(temporary, dpi=120, format="png")
+        os.replace(temporary, path)
+    finally:
+        plt.close(figure)
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 def _alive(pid: int) -> bool:

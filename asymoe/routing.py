@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .io import atomic_save_figure
 from .modeling.modeling_asymoe import reach_masks
 
 MODALITIES = ("image", "text")
@@ -163,10 +164,4 @@ def plot_routing(summary: list[dict], path: str | Path, title: str = "Routing by
     axes[1].legend(loc="upper right", fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    temporary.replace(path)
-    return path
+    return atomic_save_figure(figure, path)

@@ -96,10 +96,13 @@ def tiny_processor(config: AsyMoEConfig, tokenizer: PreTrainedTokenizerFast) -> 
 
 
 def tiny_llava(
-    tokenizer: PreTrainedTokenizerFast, **text_overrides
+    tokenizer: PreTrainedTokenizerFast, vision: dict | None = None, vision_feature_layer: int = -2, **text_overrides
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """The dense counterpart of `tiny_config`: a transformers LLaVA (Llama decoder, CLIP tower of the same sizes,
-    randomly initialised) and its `LlavaProcessor` with AsyMoE's LLaVA-1.5 chat template — a source to upcycle."""
+    randomly initialised) and its `LlavaProcessor` with AsyMoE's LLaVA-1.5 chat template — a source to upcycle.
+    `vision` overrides CLIP fields (image and patch size, width, depth); `vision_feature_layer` is the tower layer
+    the projector reads (LLaVA's -2 leaves a 2-layer tower's last layer unused)."""
+    vision = {key: value for key, value in {**TINY_VISION, **(vision or {})}.items() if key != "model_type"}
     text = {key: value for key, value in TINY_TEXT.items() if key != "num_experts_per_tok"}
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -109,14 +112,15 @@ def tiny_llava(
         **{**text, **text_overrides},
     )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**{k: v for k, v in TINY_VISION.items() if k != "model_type"}),
+        vision_config=CLIPVisionConfig(**vision),
         text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=vision_feature_layer,
     )
     processor = LlavaProcessor(
-        image_processor=_image_processor(TINY_VISION["image_size"]),
+        image_processor=_image_processor(vision["image_size"]),
         tokenizer=tokenizer,
-        patch_size=TINY_VISION["patch_size"],
+        patch_size=vision["patch_size"],
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" feature strategy
         chat_template=DEFAULT_CHAT_TEMPLATE,

@@ -5,7 +5,9 @@ For each decoder layer, over the text tokens that follow the image (question, an
 - evidence sensitivity: relative L2 change of the layer's FFN / MoE output when the image is blanked;
 - attention on evidence: share of the layer's attention (eager weights, mean over heads) that lands on image tokens;
 - for MoE layers, the sensitivity split by the group of each token's top expert, and the routing by modality and
-  expert group (`asymoe.routing.RoutingStatistics`).
+  expert group (`asymoe.routing.RoutingStatistics`);
+- for evidence layers, the reliance gate g, the size of the evidence injection g·W_o r relative to h and ‖W_o‖;
+  for hyperbolic inter experts, the curvature and the size of the Möbius biases (0: Euclidean).
 
 Works for every AsyMoE variant and for transformers' LLaVA (no routing there). See docs/analysis.md.
 """
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..cli import DTYPES
 from ..finetune.data import vqa_messages
-from ..io import atomic_write_text
+from ..io import atomic_save_figure, atomic_write_text
 from ..routing import GROUP_COLOURS, RoutingStatistics, plot_routing
 
 BLANKS = ("mean", "zero")
@@ -78,13 +80,16 @@ class _LayerProbe:
     def capture(self, rows: torch.Tensor, image_keys: torch.Tensor):
         """Record during the block; `rows` [batch, seq] selects query tokens, `image_keys` [batch, seq] image keys."""
         self.rows, self.image_keys = rows, image_keys
-        self.ffn, self.attention, self.top_expert = {}, {}, {}
+        self.ffn, self.attention, self.top_expert, self.gate, self.injection = {}, {}, {}, {}, {}
         handles = []
         for index, layer in enumerate(self.layers):
             handles.append(layer.mlp.register_forward_hook(self._ffn_hook(index)))
             handles.append(layer.self_attn.register_forward_hook(self._attention_hook(index)))
             if hasattr(layer.mlp, "router"):
                 handles.append(layer.mlp.router.register_forward_hook(self._router_hook(index)))
+            if getattr(layer.mlp, "evidence", None) is not None:
+                handles.append(layer.mlp.evidence.register_forward_hook(self._evidence_hook(index)))
+                handles.append(layer.mlp.evidence.gate.register_forward_hook(self._gate_hook(index)))
         try:
             yield self
         finally:
@@ -103,6 +108,16 @@ class _LayerProbe:
                 raise RuntimeError("the attention returned no weights: analysis needs eager attention.")
             on_image = torch.einsum("bhqk,bk->bq", weights, self.image_keys.to(weights.dtype)) / weights.shape[1]
             self.attention[index] = on_image[self.rows].float()
+        return hook
+
+    def _evidence_hook(self, index):
+        def hook(module, args, output):  # output = h + g * W_o r
+            self.injection[index] = relative_change(args[0][self.rows], output[self.rows])  # ‖g W_o r‖ / ‖h‖
+        return hook
+
+    def _gate_hook(self, index):
+        def hook(module, args, output):
+            self.gate[index] = torch.sigmoid(output[self.rows].float()).squeeze(-1)
         return hook
 
     def _router_hook(self, index):
@@ -163,6 +178,8 @@ def analyze(model, processor, dataset, limit: int | None = None, batch_size: int
     num_layers = len(language_model.layers)
     sensitivity, attention = torch.zeros(num_layers, dtype=torch.float64), torch.zeros(num_layers, dtype=torch.float64)
     by_group = {index: {name: [0.0, 0] for name in names} for index, names in groups.items()}
+    readout = {index: [0.0, 0.0] for index, layer in enumerate(language_model.layers)  # sums of g, injection
+               if getattr(layer.mlp, "evidence", None) is not None}
     text_tokens = image_tokens = 0
     probe = _LayerProbe(language_model)
 
@@ -190,6 +207,9 @@ def analyze(model, processor, dataset, limit: int | None = None, batch_size: int
             original, top_expert = probe.ffn, probe.top_expert
             for index, mass in probe.attention.items():
                 attention[index] += float(mass.sum())
+            for index in probe.gate:
+                readout[index][0] += float(probe.gate[index].sum())
+                readout[index][1] += float(probe.injection[index].sum())
             if blank == "mean":
                 blanked_inputs = encode([mean_colour_image(image) for image in images], prompts)
                 blanking = nullcontext()
@@ -219,6 +239,13 @@ def analyze(model, processor, dataset, limit: int | None = None, batch_size: int
                 name: {"value": total / count if count else None, "tokens": count}
                 for name, (total, count) in by_group[index].items()
             }
+        if index in readout:
+            evidence = language_model.layers[index].mlp.evidence
+            entry["evidence_readout"] = {"gate": readout[index][0] / text_tokens,
+                                         "injection": readout[index][1] / text_tokens,
+                                         "w_o_norm": float(evidence.o_proj.weight.float().norm())}
+        if (hyperbolic := _hyperbolic_parameters(language_model.layers[index].mlp)) is not None:
+            entry["hyperbolic"] = hyperbolic
         layers.append(entry)
     return {
         "model": {"model_type": model.config.model_type, "moe_variant": getattr(text_config, "moe_variant", "dense"),
@@ -233,14 +260,14 @@ def analyze(model, processor, dataset, limit: int | None = None, batch_size: int
     }
 
 
-def _save_figure(figure, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
+def _hyperbolic_parameters(mlp) -> dict | None:
+    """Curvature c and mean Möbius-bias norm ‖β‖ per inter expert of a layer with hyperbolic experts, else None."""
+    experts = getattr(mlp, "experts", None)
+    if getattr(experts, "mobius_bias_down", None) is None:
+        return None
+    return {"curvature": float(experts.curvature),
+            "mobius_bias_norm": {which: float(getattr(experts, f"mobius_bias_{which}").float().norm(dim=-1).mean())
+                                 for which in ("gate_up", "down")}}
 
 
 def plot_analysis(results_by_name: dict[str, dict], output_dir: str | os.PathLike) -> list[Path]:
@@ -271,7 +298,7 @@ def plot_analysis(results_by_name: dict[str, dict], output_dir: str | os.PathLik
         axis.set_title(f"{key.replace('_', ' ')} (text tokens after the image)", fontsize=10)
         axis.legend(fontsize=8)
         figure.tight_layout()
-        paths.append(_save_figure(figure, output / filename))
+        paths.append(atomic_save_figure(figure, output / filename))
 
     moe_results = {name: results for name, results in results_by_name.items()
                    if any("sensitivity_by_group" in entry for entry in results["layers"])}
@@ -298,7 +325,7 @@ def plot_analysis(results_by_name: dict[str, dict], output_dir: str | os.PathLik
         figure.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=8,
                       title="top expert's group", title_fontsize=8)
         figure.suptitle("Evidence sensitivity of text tokens by the group of their top expert", fontsize=10)
-        paths.append(_save_figure(figure, output / "sensitivity_by_group.png"))
+        paths.append(atomic_save_figure(figure, output / "sensitivity_by_group.png"))
     for name, results in results_by_name.items():
         if results["routing"]:
             paths.append(plot_routing(results["routing"], output / f"routing_{_file_safe(name)}.png",

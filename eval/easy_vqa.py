@@ -21,7 +21,7 @@ def _question_type(question: str, answer: str) -> str:
     return "color" if "color" in question else "shape"
 
 
-def _tokens(question: str) -> list[str]:
+def question_tokens(question: str) -> list[str]:
     """Words as the tiny word-level tokenizer splits them (punctuation apart)."""
     return re.findall(r"\w+|[^\w\s]", question)
 
@@ -48,7 +48,7 @@ def load_easy_vqa(split: str = "test", limit: int | None = None, seed: int = 0):
     for index in order:
         kind = _question_type(questions[index], answers[index])
         rows["image"].append(paths[image_ids[index]])
-        rows["question"].append(" ".join(_tokens(questions[index])))
+        rows["question"].append(" ".join(question_tokens(questions[index])))
         rows["answer"].append(answers[index])
         rows["question_type"].append(kind)
         rows["level"].append("" if kind == "yes_no" else "leaf")
@@ -64,5 +64,5 @@ def easy_vqa_vocabulary() -> list[str]:
     words = list(easy_vqa.get_answers())
     for get_questions in (easy_vqa.get_train_questions, easy_vqa.get_test_questions):
         for question in get_questions()[0]:
-            words += _tokens(question)
+            words += question_tokens(question)
     return list(dict.fromkeys(words))

@@ -1,11 +1,14 @@
 """The grounding benchmark: procedural scenes whose training split carries strong language priors.
 
 Every shape has a default colour (circle → red, ...). In `train` a scene's main object takes its default colour
-with probability `prior_strength`, so a model can answer many questions without looking. The test splits separate
+with probability `prior_strength`, so a model can answer many questions without looking. `test_balanced` has no
+prior (colours uniform, as in the dense model's pre-training): plain competence. The other test splits separate
 the two behaviours the paper contrasts (DESIGN §1): in `test_prior` the image agrees with the prior, in
 `test_counter` it contradicts it at every taxonomy level (accuracy there = grounding), and `test_hierarchy` asks
 each scene's questions at both levels of the shape/colour taxonomy (leaf: "red", "circle"; family: "warm",
-"round"). See docs/grounding.md.
+"round"). The `validation_*` splits are built like the test splits from their own random streams: every choice
+(prior strength, steps, knobs) is made on them. `patch_labels` gives each image patch the shape and colour of the
+object under it, the targets of the demo's vision pretraining. See docs/grounding.md.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from ..io import atomic_directory
@@ -35,9 +39,11 @@ SHAPE_FAMILY = {"circle": "round", "ring": "round", "triangle": "pointed", "star
 DEFAULT_COLOUR = {"circle": "red", "ring": "blue", "triangle": "orange", "star": "purple", "square": "green",
                   "diamond": "yellow"}
 DEFAULT_SHAPE = {colour: shape for shape, colour in DEFAULT_COLOUR.items()}
+SHAPES = tuple(SHAPE_FAMILY)
 QUESTION_TYPES = ("color", "color_family", "shape", "shape_family")
 LEVEL = {"color": "leaf", "shape": "leaf", "color_family": "family", "shape_family": "family"}
-SPLITS = ("train", "validation", "test_prior", "test_counter", "test_hierarchy")
+EVALUATION_KINDS = ("balanced", "prior", "counter", "hierarchy")
+SPLITS = ("train", *(f"{part}_{kind}" for part in ("validation", "test") for kind in EVALUATION_KINDS))
 
 
 @dataclass
@@ -49,8 +55,8 @@ class GroundingConfig:
     image_size: int = 32
     distractor_rate: float = 0.5
     train_size: int = 4000
-    validation_size: int = 200
-    test_size: int = 300
+    validation_size: int = 200  # rows of each validation split
+    test_size: int = 300  # rows of each test split
 
     def __post_init__(self):
         if not 0.0 <= self.prior_strength <= 1.0:
@@ -115,6 +121,28 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         points = [(cx + (r if i % 2 == 0 else 0.42 * r) * math.sin(i * math.pi / 5),
                    cy - (r if i % 2 == 0 else 0.42 * r) * math.cos(i * math.pi / 5)) for i in range(10)]
         draw.polygon(points, fill=fill)
+
+
+def patch_labels(scene: str | dict, image_size: int, patch_size: int) -> tuple[list[int], list[int]]:
+    """Per image patch (row-major), the index + 1 in `SHAPES` and in `COLOURS` of the object covering most of its
+    pixels, 0 where no object pixel falls (background). `scene` is a row's `scene` column (JSON or parsed)."""
+    if image_size % patch_size:
+        raise ValueError(f"patch_size={patch_size} does not divide image_size={image_size}.")
+    objects = (json.loads(scene) if isinstance(scene, str) else scene)["objects"]
+    mask = Image.new("L", (image_size, image_size), 0)
+    draw = ImageDraw.Draw(mask)
+    for index, obj in enumerate(objects):
+        _draw_shape(draw, obj["shape"], tuple(obj["box"]), index + 1)
+    grid = image_size // patch_size
+    patches = np.asarray(mask).reshape(grid, patch_size, grid, patch_size).swapaxes(1, 2).reshape(grid * grid, -1)
+    counts = np.stack([(patches == index + 1).sum(axis=1) for index in range(len(objects))], axis=1)
+    owner = counts.argmax(axis=1)
+    covered = counts.max(axis=1) > 0
+    shape_ids = np.array([SHAPES.index(obj["shape"]) + 1 for obj in objects])
+    colour_ids = np.array([list(COLOURS).index(obj["colour"]) + 1 for obj in objects])
+    shapes = np.where(covered, shape_ids[owner], 0).tolist()
+    colours = np.where(covered, colour_ids[owner], 0).tolist()
+    return shapes, colours
 
 
 def render(objects: list[dict], size: int, rng: random.Random) -> Image.Image:
@@ -185,16 +213,19 @@ def _sample_row(rng: random.Random, config: GroundingConfig, question_type: str,
 
 def _split_rows(config: GroundingConfig, split: str, size: int) -> list[dict]:
     rng = random.Random(f"{config.seed}/{split}")  # per split: changing one size leaves the other splits as they are
+    kind = split.rpartition("_")[2]  # validation_counter and test_counter are built alike
     rows = []
     for index in range(size):
         question_type = QUESTION_TYPES[index % len(QUESTION_TYPES)]
-        if split in ("train", "validation"):
+        if split == "train":
             agree, counter_family = rng.random() < config.prior_strength, False
-        elif split == "test_prior":
+        elif kind == "balanced":  # no prior: every colour equally likely for every shape, as in pre-training
+            agree, counter_family = rng.random() < 1 / len(COLOURS), False
+        elif kind == "prior":
             agree, counter_family = True, False
-        elif split == "test_counter":
+        elif kind == "counter":
             agree, counter_family = False, True
-        else:  # test_hierarchy: both levels of each question kind, half the scenes against the prior
+        else:  # hierarchy: both levels of each question kind, half the scenes against the prior
             agree, counter_family = index % 8 < 4, True
         rows.append(_sample_row(rng, config, question_type, agree, counter_family))
     return rows
@@ -212,14 +243,14 @@ def vqa_features():
 
 
 def build_grounding(config: GroundingConfig | None = None):
-    """The benchmark as a `datasets.DatasetDict` (splits: train, validation, test_prior, test_counter,
-    test_hierarchy; those of size 0 left out), identical for the same config."""
+    """The benchmark as a `datasets.DatasetDict` (splits: `SPLITS`, those of size 0 left out), identical for the
+    same config."""
     import datasets
 
     config = config or GroundingConfig()
     features = vqa_features()
-    sizes = {"train": config.train_size, "validation": config.validation_size, "test_prior": config.test_size,
-             "test_counter": config.test_size, "test_hierarchy": config.test_size}
+    sizes = {split: config.train_size if split == "train" else
+             config.validation_size if split.startswith("validation") else config.test_size for split in SPLITS}
     splits = {}
     for split in SPLITS:
         if not sizes[split]:  # a split of size 0 is left out (datasets cannot reload empty splits)
@@ -285,7 +316,8 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--distractor-rate", type=float, default=defaults.distractor_rate)
     parser.add_argument("--train-size", type=int, default=defaults.train_size)
-    parser.add_argument("--validation-size", type=int, default=defaults.validation_size)
+    parser.add_argument("--validation-size", type=int, default=defaults.validation_size,
+                        help="rows of each validation split (built like the test splits)")
     parser.add_argument("--test-size", type=int, default=defaults.test_size, help="rows of each test split")
     return parser
 

@@ -2,8 +2,8 @@
 
 Standard suite (schemas and splits of the lmms-lab copies lmms-eval uses; prompts as LLaVA-1.5's evaluation):
 VQAv2, GQA, TextVQA, VizWiz, ScienceQA-IMG, POPE, MME, MMBench. Project tasks: the grounding benchmark's test
-splits and easy-vqa. Every task reads a local copy with `--data task=PATH` (parquet file or folder, JSON, or a
-`save_to_disk` directory); without one it loads the Hub copy (network). See docs/evaluation.md.
+and validation splits, and easy-vqa. Every task reads a local copy with `--data task=PATH` (parquet file or
+folder, JSON, or a `save_to_disk` directory); without one it loads the Hub copy (network). See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..finetune.data import SHORT_ANSWER_PROMPT
+from .grounding import EVALUATION_KINDS
 from .scoring import load_metric
 
 OPTION_LETTERS = "ABCDEFGH"
@@ -110,13 +111,12 @@ TASKS: dict[str, Task] = {task.name: task for task in [
                               f"{r['question']}\n{_options_block(_mmbench_options(r))}\n{CHOICE_PROMPT}"),
          lambda r: r["answer"], hub=("lmms-lab/MMBench", "en", "dev"),
          metric_inputs=_mmbench_scoring_inputs),
-    _grounding("test_prior"),
-    _grounding("test_counter"),
-    _grounding("test_hierarchy"),
+    *(_grounding(f"{part}_{kind}") for part in ("test", "validation") for kind in EVALUATION_KINDS),
     Task("easy_vqa", "exact_match", "vqa", lambda r: _short(r["question"]), lambda r: r["answer"],
          breakdown=("question_type",)),
 ]}
-TASK_GROUPS = {"grounding": ["grounding_prior", "grounding_counter", "grounding_hierarchy"],
+TASK_GROUPS = {"grounding": [f"grounding_{kind}" for kind in EVALUATION_KINDS],
+               "grounding_validation": [f"grounding_validation_{kind}" for kind in EVALUATION_KINDS],
                "standard": ["vqav2", "gqa", "textvqa", "vizwiz", "scienceqa_img", "pope", "mme", "mmbench"]}
 
 

@@ -93,6 +93,15 @@ def test_curves_routing_and_plots_for_every_variant(analyses, tmp_path):
             assert entry["text"]["group_load"].get("vision", 0.0) == 0.0
     assert analyses["dense"]["routing"] == []
     assert set(analyses["asymoe"]["layers"][3]["sensitivity_by_group"]) == {"text", "inter", "evidence"}
+    # A fresh AsyMoE: W_o = 0 (the readout adds nothing), Möbius biases 0 at curvature softplus(0) init.
+    readouts = {entry["layer"]: entry.get("evidence_readout") for entry in analyses["asymoe"]["layers"]}
+    assert readouts[1] is None and readouts[3]["w_o_norm"] == 0.0 and readouts[3]["injection"] == 0.0
+    assert 0.0 < readouts[3]["gate"] < 1.0
+    for layer in (1, 3):
+        hyperbolic = analyses["asymoe"]["layers"][layer]["hyperbolic"]
+        assert hyperbolic["mobius_bias_norm"] == {"gate_up": 0.0, "down": 0.0} and hyperbolic["curvature"] > 0
+    assert not any("evidence_readout" in entry or "hyperbolic" in entry
+                   for variant in ("dense", "vanilla", "modality") for entry in analyses[variant]["layers"])
     paths = plot_analysis(analyses, tmp_path)
     assert sorted(path.name for path in paths) == sorted(
         ["evidence_sensitivity.png", "attention_on_evidence.png", "sensitivity_by_group.png",
@@ -111,6 +120,25 @@ def test_sensitivity_is_zero_without_image_features(tokenizer, dataset, blank):
     for entry in results["layers"]:
         for stats in entry.get("sensitivity_by_group", {}).values():
             assert stats["value"] in (0.0, None)
+
+
+def test_evidence_readout_by_hand(tokenizer, dataset):
+    """With W_o = I·a and the gate's weights 0 and bias b, the readout adds σ(b)·a·r: the gate reads σ(b) and the
+    injection ‖σ(b)·a·r‖ / ‖h‖ grows linearly with a."""
+    model = tiny_model(tokenizer)
+    readout = model.model.language_model.layers[3].mlp.evidence
+    processor = tiny_processor(model.config, tokenizer)
+    injections = []
+    for scale in (1.0, 2.0):
+        with torch.no_grad():
+            readout.o_proj.weight.copy_(scale * torch.eye(*readout.o_proj.weight.shape))
+            readout.gate.weight.zero_()
+            readout.gate.bias.fill_(0.5)
+        entry = analyze(model, processor, dataset, batch_size=2)["layers"][3]["evidence_readout"]
+        assert entry["gate"] == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item(), rel=1e-6)
+        assert entry["w_o_norm"] == pytest.approx(scale * readout.o_proj.weight.shape[0] ** 0.5, rel=1e-6)
+        injections.append(entry["injection"])
+    assert injections[0] > 0 and injections[1] == pytest.approx(2 * injections[0], rel=1e-4)
 
 
 def test_attention_mass_equals_uniform_attention_by_hand(tokenizer, dataset):

@@ -24,7 +24,7 @@ WORDS = grounding_vocabulary() + easy_vqa_vocabulary() + SHORT_ANSWER_PROMPT.spl
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data = {task: str(path) for task, path in write_fixtures(root / "fixtures").items()}
-    save_grounding(build_grounding(GroundingConfig(train_size=0, validation_size=0, test_size=8)), root / "grounding")
+    save_grounding(build_grounding(GroundingConfig(train_size=0, validation_size=8, test_size=8)), root / "grounding")
     data["grounding"] = str(root / "grounding")
     tokenizer = build_tokenizer(WORDS)
     torch.manual_seed(0)
@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
 def test_every_task_runs_offline(setup, model):
     root, data = setup
     output = root / f"results-{model}"
-    args = ["eval", str(root / model), "--tasks", "standard,grounding,easy_vqa", "--limit", "4",
+    args = ["eval", str(root / model), "--tasks", "standard,grounding,grounding_validation,easy_vqa", "--limit", "4",
             "--batch-size", "3", "--max-new-tokens", "3", "--output", str(output)]
     for task, path in data.items():
         args += ["--data", f"{task}={path}"]
