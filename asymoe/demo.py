@@ -40,7 +40,7 @@ DENSE_VISION = {"image_size": 32, "patch_size": 4, "hidden_size": 64, "intermedi
 
 
 def split_task(kind: str, part: str) -> str:
-    """The evaluation task of a grounding split kind (prior, counter, hierarchy) in `part` (test or validation)."""
+    """The evaluation task of a grounding split kind (`KINDS`) in `part` (test or validation)."""
     return f"grounding_{kind}" if part == "test" else f"grounding_validation_{kind}"
 
 
