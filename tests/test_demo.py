@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, needs_trl_vision_masks
 from transformers import AutoModelForImageTextToText
 
-from asymoe.demo import START, ComparisonConfig, run_comparison
+from asymoe.demo import START, ComparisonConfig, run_comparison, traces
 from asymoe.dense_start import RECORD, SHIPPED, file_sha256, pretrain_vision, shipped_dense_start
 
 TOY = dict(pretrain_size=32, train_size=32, validation_size=8, test_size=8, vision_pretrain_steps=2,
@@ -30,7 +30,8 @@ def _compare_module():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     config = ComparisonConfig(output=str(tmp_path_factory.mktemp("demo") / "out"), **TOY,
-                              variants={"dense": {}, "asymoe": {"moe_variant": "asymoe"}})
+                              variants={"dense": {}, "vanilla": {"moe_variant": "vanilla"},
+                                        "asymoe": {"moe_variant": "asymoe"}})
     messages = []
     outcome = run_comparison(config, log=messages.append)
     return config, outcome, messages
@@ -39,7 +40,7 @@ def run(tmp_path_factory):
 @needs_trl_vision_masks
 def test_stages_and_report(run):
     config, outcome, messages = run
-    assert list(outcome["results"]) == [START, "dense", "asymoe"]
+    assert list(outcome["results"]) == [START, "dense", "vanilla", "asymoe"]
     report = outcome["report"].read_text()
     for name in outcome["results"]:
         assert f"| {name} |" in report
@@ -60,6 +61,11 @@ def test_stages_and_report(run):
     assert len(layers) == 4 and all(0 < entry["evidence_sensitivity"] < math.inf for entry in layers)
     assert "evidence_readout" in layers[3] and "hyperbolic" in layers[1]
     assert "| model | evidence share | evidence share (training) | gate g |" in report
+    start = outcome["results"][START]
+    asymoe_traces, vanilla_traces = (traces(outcome["results"][name], start) for name in ("asymoe", "vanilla"))
+    assert 0 <= asymoe_traces["inter share leaf"] <= 1 and 0 < asymoe_traces["gate g"] < 1
+    # Vanilla MoE's experts are reachable by both modalities, but they are not inter-modality experts.
+    assert vanilla_traces["inter share leaf"] is None and vanilla_traces["gate g"] is None
     record = json.loads((root / "dense" / "model" / RECORD).read_text())
     assert record["settings"] == json.loads(json.dumps(config.dense_settings()))
     assert record["sha256"] == file_sha256(root / "dense" / "model" / "model.safetensors")
