@@ -16,7 +16,6 @@ re-publishes it; `asymoe demo --from-scratch` trains it inside the demo instead 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import atomic_directory, atomic_write_text
+from .io import atomic_directory, atomic_write_text, file_sha256
 
 SHIPPED = Path(__file__).parent / "checkpoints" / "dense_start"
 RECORD = "dense_start.json"  # {"settings": the settings it was trained with, "sha256": of model.safetensors}
@@ -41,14 +40,6 @@ def vocabulary() -> list[str]:
     from .finetune.data import SHORT_ANSWER_PROMPT
 
     return list(dict.fromkeys(grounding_vocabulary() + easy_vqa_vocabulary() + question_tokens(SHORT_ANSWER_PROMPT)))
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shipped_dense_start(settings: dict, shipped: Path = SHIPPED) -> Path | None:
@@ -177,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
         for path in [*model_dir.iterdir(), work / "training.json", work / "vision_pretraining.json"]:
             if path.is_file() and path.name != "training_args.bin":
                 shutil.copyfile(path, published / path.name)  # modes from the umask, as save_pretrained
-    print(f"published {args.output}: SHA-256 {file_sha256(Path(args.output) / 'model.safetensors')}")
+    print(f"published {args.output}: SHA-256 {json.loads((model_dir / RECORD).read_text())['sha256']}")
     return 0
 
 

@@ -8,6 +8,7 @@ directories get the modes a plain `open` / `mkdir` gives (as `save_pretrained`'s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -24,6 +25,15 @@ _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|replaced|upcycling)-(
 
 def _temporary_sibling(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -13,7 +13,8 @@ from conftest import REPO, needs_trl_vision_masks
 from transformers import AutoModelForImageTextToText
 
 from asymoe.demo import START, ComparisonConfig, run_comparison, traces
-from asymoe.dense_start import RECORD, SHIPPED, file_sha256, pretrain_vision, shipped_dense_start
+from asymoe.dense_start import RECORD, SHIPPED, pretrain_vision, shipped_dense_start
+from asymoe.io import file_sha256
 
 TOY = dict(pretrain_size=32, train_size=32, validation_size=8, test_size=8, vision_pretrain_steps=2,
            pretrain_steps=2, finetune_steps=1, easy_vqa_steps=1, easy_vqa_train_size=16, easy_vqa_test_size=8,

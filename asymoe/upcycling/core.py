@@ -19,7 +19,7 @@ from torch import nn
 
 from ..configuration import AsyMoEConfig
 from ..configuration.configuration_asymoe import write_remote_code
-from ..io import atomic_directory
+from ..io import atomic_directory, file_sha256
 from ..modeling import AsyMoEForConditionalGeneration
 from ..modeling import modeling_asymoe as _modeling_module
 from .card import build_meta_model, model_card, parameter_counts
@@ -39,10 +39,6 @@ from .source import (
 
 # Test hook (crash safety): SIGKILL this process after that many source shards have been processed.
 CRASH_HOOK_ENV = "ASYMOE_UPCYCLE_CRASH_AFTER_SHARDS"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def upcycle(
@@ -180,9 +176,9 @@ def _upcycle_directory(
         "source": provenance["source"],
         "source_kind": provenance["kind"],
         "revision": provenance["revision"],
-        "config_sha256": _sha256(src_dir / "config.json"),
+        "config_sha256": file_sha256(src_dir / "config.json"),
         ("index_sha256" if identity_file.name == WEIGHT_INDEX else "weights_header_sha256"): (
-            _sha256(identity_file) if identity_file.name == WEIGHT_INDEX else header_digest.hexdigest()),
+            file_sha256(identity_file) if identity_file.name == WEIGHT_INDEX else header_digest.hexdigest()),
         "source_architecture": SOURCE_ARCHITECTURES[source_config.model_type],
         "source_text_model_type": source_config.text_config.model_type,
         "moe_variant": text.moe_variant,
