@@ -1,8 +1,9 @@
 """Decode speed of an upcycled AsyMoE vs its dense transformers LLaVA source, batch 1, in one process.
 
 Builds a randomly initialised dense LLaVA (`asymoe.tiny.tiny_llava`, decoder size from the flags), upcycles it in
-memory into each variant (copy mode) and times greedy `generate` for one image + prompt. Decode tokens/s is
-(N - 1) / (t(N new tokens) - t(1 new token)), so the prefill cancels out; medians of `--repeat` runs after a warm-up.
+memory into each variant (`--mode`, default copy) and times greedy `generate` for one image + prompt. Decode
+tokens/s is (N - 1) / (t(N new tokens) - t(1 new token)), so the prefill cancels out; medians of `--repeat` rounds
+after a warm-up, every variant timed in turn within each round.
 `--cache static` uses a static KV cache (`cache_implementation="static"`), `--compile` adds `torch.compile` of the
 decoding forward (transformers' `compile_config`, inductor, one graph; on CPUs too). Prints ratios to the dense source and writes JSON.
 
@@ -20,15 +21,15 @@ import transformers
 from PIL import Image
 
 from asymoe import AsyMoEForConditionalGeneration
-from asymoe.benchmarking import median_seconds, write_bench_record
+from asymoe.benchmarking import interleaved_median_seconds, write_bench_record
 from asymoe.cli import DTYPES
 from asymoe.tiny import build_tokenizer, tiny_llava
 
 VARIANTS = ("dense", "vanilla", "modality", "asymoe")
 
 
-def seconds(model, inputs: dict, new_tokens: int, args, device: torch.device) -> float:
-    """Median wall time of a greedy generate of exactly `new_tokens` tokens."""
+def generate_call(model, inputs: dict, new_tokens: int, args):
+    """A greedy generate of exactly `new_tokens` tokens, as a function to time."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     if args.cache == "static":
         kwargs["cache_implementation"] = "static"
@@ -37,7 +38,7 @@ def seconds(model, inputs: dict, new_tokens: int, args, device: torch.device) ->
         with torch.no_grad():
             model.generate(**inputs, **kwargs)
 
-    return median_seconds(generate, device, args.warmup, args.repeat)
+    return generate
 
 
 def main(argv=None) -> int:
@@ -49,6 +50,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
+    parser.add_argument("--mode", choices=["copy", "partition"], default="copy",
+                        help="upcycling mode: copy (every expert = the dense FFN, same logits; top-k reads k FFNs per "
+                             "token) or partition (experts are slices of it: about the dense FFN's weights per token)")
     parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoding forward")
     parser.add_argument("--experts-implementation", default="grouped_mm", choices=["grouped_mm", "batched_mm", "eager"],
@@ -77,10 +81,10 @@ def main(argv=None) -> int:
     inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
 
-    results = {}
+    calls = {}
     for variant in variants:
         model = dense if variant == "dense" else AsyMoEForConditionalGeneration.from_dense(
-            dense, moe_variant=variant, mode="copy")
+            dense, moe_variant=variant, mode=args.mode)
         model = model.to(device=device, dtype=dtype).eval()
         if variant != "dense":
             model.set_experts_implementation(args.experts_implementation)
@@ -88,13 +92,17 @@ def main(argv=None) -> int:
             config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
             config._compile_all_devices = True  # transformers compiles on accelerators only otherwise
             model.generation_config.compile_config = config
-        one, many = seconds(model, inputs, 1, args, device), seconds(model, inputs, args.new_tokens, args, device)
+        for tokens in (1, args.new_tokens):
+            calls[variant, tokens] = generate_call(model, inputs, tokens, args)
+    # Every variant in turn, round after round: load that drifts during the run slows all of them alike.
+    times = interleaved_median_seconds(calls, device, args.warmup, args.repeat)
+    results = {}
+    for variant in variants:
+        one, many = times[variant, 1], times[variant, args.new_tokens]
         if many <= one:
-            raise SystemExit(f"{variant}: {args.new_tokens} tokens took no longer than 1 ({many:.4f} s vs {one:.4f} s); "
-                             "the machine is too noisy for this size: raise --new-tokens or --repeat.")
+            raise SystemExit(f"{variant}: {args.new_tokens} tokens took no longer than 1 ({many:.4f} s vs "
+                             f"{one:.4f} s); the machine is too noisy for this size: raise --new-tokens or --repeat.")
         results[variant] = {"decode_tokens_per_s": (args.new_tokens - 1) / (many - one), "prefill_s": one}
-        if variant != "dense":
-            del model
     reference = results["dense"]["decode_tokens_per_s"]
     print(f"{'model':10s} {'decode tok/s':>13s} {'x dense':>8s} {'prefill+1 ms':>13s}")
     for variant, entry in results.items():

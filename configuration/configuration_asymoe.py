@@ -151,9 +151,10 @@ class AsyMoETextConfig(PreTrainedConfig):
         router_aux_loss_coef (`float`): weight of the per-modality Switch load-balancing loss that the model's own
             forward adds to its loss (with `output_router_logits`); default 0: balancing is loss-free.
         router_z_loss_coef (`float`): weight of the router z-loss (idem).
-        experts_gather_max_tokens (`int`): inside compiled graphs, calls of the default `grouped_mm` experts with at
-            most this many tokens (decoding steps) gather each token's expert weights (`batched_mm`) instead of
-            sorting rows for a grouped GEMM; eager calls always take the grouped GEMM. `0` turns it off.
+        experts_gather_max_tokens (`int`): calls of the default `grouped_mm` experts with at most this many tokens
+            (decoding steps) skip the sort and grouped GEMM: inside compiled graphs they gather each token's expert
+            weights (`batched_mm`), eager inference runs each (token, expert) pair through its expert's weights.
+            `0` turns both off.
     """
 
     model_type = "asymoe_text"

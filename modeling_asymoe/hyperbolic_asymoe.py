@@ -8,6 +8,8 @@ composed as written (`mobius_bias_reference`) define it. This file is part of th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Largest geodesic radius sqrt(c)*|v| kept by the maps. Poincaré: tanh saturates in fp32 beyond ~9, and the ball is
@@ -129,8 +131,20 @@ def _compute_dtype(u: torch.Tensor) -> torch.dtype:
     return torch.promote_types(u.dtype, torch.float32)
 
 
-def _clamped_norm(squared: torch.Tensor) -> torch.Tensor:
-    return squared.clamp_min(_MIN_NORM**2).sqrt()
+class _TensorMath:
+    """The elementwise functions the map coefficients use, on tensors; `_FloatMath`: the same on Python floats."""
+
+    sqrt, tanh, atanh, sinh, asinh = torch.sqrt, torch.tanh, torch.atanh, torch.sinh, torch.asinh
+    clamp_min, clamp_max = torch.clamp_min, torch.clamp_max
+
+
+class _FloatMath:
+    sqrt, tanh, atanh, sinh, asinh = math.sqrt, math.tanh, math.atanh, math.sinh, math.asinh
+    clamp_min, clamp_max = max, min
+
+
+def _clamped_norm(squared, ops=_TensorMath):
+    return ops.sqrt(ops.clamp_min(squared, _MIN_NORM**2))
 
 
 def _clamped_norm_slope(squared: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -138,28 +152,28 @@ def _clamped_norm_slope(squared: torch.Tensor, norm: torch.Tensor) -> torch.Tens
     return (squared >= _MIN_NORM**2) / (2 * norm)
 
 
-def _poincare_span(uu, ub, bb, sqrt_c, c, residual, grads):
+def _poincare_span(uu, ub, bb, sqrt_c, c, residual, grads, ops=_TensorMath):
     """Poincaré case of `_map_coefficients` (x = u/s given by uu = |x|², ub = <x, beta>); see there."""
-    nu, nb = _clamped_norm(uu), _clamped_norm(bb)
+    nu, nb = _clamped_norm(uu, ops), _clamped_norm(bb, ops)
     rx, ry = sqrt_c * nu, sqrt_c * nb
     # exp0 then the ball projection: |exp0(v)| = min(tanh(sqrt(c)|v|), 1 - BALL_EPS) / sqrt(c).
-    hx, hy = torch.tanh(rx.clamp_max(POINCARE_MAX_RADIUS)), torch.tanh(ry.clamp_max(POINCARE_MAX_RADIUS))
-    ax, ay = hx.clamp_max(1.0 - BALL_EPS) / rx, hy.clamp_max(1.0 - BALL_EPS) / ry
+    hx, hy = ops.tanh(ops.clamp_max(rx, POINCARE_MAX_RADIUS)), ops.tanh(ops.clamp_max(ry, POINCARE_MAX_RADIUS))
+    ax, ay = ops.clamp_max(hx, 1.0 - BALL_EPS) / rx, ops.clamp_max(hy, 1.0 - BALL_EPS) / ry
     x2, y2, xy = c * (ax * ax * uu), c * (ay * ay * bb), c * (ax * ay * ub)  # c|x|², c|y|², c<x, y>
     # Möbius addition x ⊕ y = (P x + Q y) / denominator, of squared norm c|x ⊕ y|² = (x2 + 2 xy + y2) / denominator;
     # then the projection and log0 (artanh), which rescale it by log_scale · denominator.
     raw_denominator = 1 + 2 * xy + x2 * y2
-    denominator = raw_denominator.clamp_min(_MIN_NORM)
+    denominator = ops.clamp_min(raw_denominator, _MIN_NORM)
     w = (x2 + 2 * xy + y2) / denominator
-    z = _clamped_norm(w)
-    zc = z.clamp_max(1.0 - BALL_EPS)
-    log_scale = torch.atanh(zc) / (z * denominator)
+    z = _clamped_norm(w, ops)
+    zc = ops.clamp_max(z, 1.0 - BALL_EPS)
+    log_scale = ops.atanh(zc) / (z * denominator)
     p, q = 1 + 2 * xy + y2, 1 - x2
     a, b = log_scale * p * ax, log_scale * q * ay
     if residual:  # beta's terms dropped: denominator = 1, z² = x2 (so a - round_trip is exactly 0 at beta = 0)
-        zr = _clamped_norm(x2)
-        zrc = zr.clamp_max(1.0 - BALL_EPS)
-        g = torch.atanh(zrc) / zr
+        zr = _clamped_norm(x2, ops)
+        zrc = ops.clamp_max(zr, 1.0 - BALL_EPS)
+        g = ops.atanh(zrc) / zr
         a = 1 + (a - g * ax)
     if grads is None:
         return a, b, None
@@ -194,23 +208,23 @@ def _poincare_span(uu, ub, bb, sqrt_c, c, residual, grads):
     return a, b, (uu_bar, ub_bar, bb_bar, sqrt_c_bar, c_bar)
 
 
-def _lorentz_span(uu, ub, bb, sqrt_c, c, residual, grads):
+def _lorentz_span(uu, ub, bb, sqrt_c, c, residual, grads, ops=_TensorMath):
     """Lorentz case of `_map_coefficients` (x = u/s given by uu = |x|², ub = <x, beta>); see there."""
-    nu, nb = _clamped_norm(uu), _clamped_norm(bb)
-    rx, ry = (sqrt_c * nu).clamp_max(LORENTZ_MAX_RADIUS), (sqrt_c * nb).clamp_max(LORENTZ_MAX_RADIUS)
+    nu, nb = _clamped_norm(uu, ops), _clamped_norm(bb, ops)
+    rx, ry = ops.clamp_max(sqrt_c * nu, LORENTZ_MAX_RADIUS), ops.clamp_max(sqrt_c * nb, LORENTZ_MAX_RADIUS)
     # exp0 on the unit sheet (spatial part sinh(sqrt(c)|v|) v/|v|), the boost by exp0(beta), then log0 (arsinh).
-    ax, ab = torch.sinh(rx) / nu, torch.sinh(ry) / nb
+    ax, ab = ops.sinh(rx) / nu, ops.sinh(ry) / nb
     x_sq = ax * ax * uu
-    x0, b0 = (1 + x_sq).sqrt(), (1 + ab * ab * bb).sqrt()
+    x0, b0 = ops.sqrt(1 + x_sq), ops.sqrt(1 + ab * ab * bb)
     k = ax * ab * ub / (1 + b0)
     bc = (x0 + k) * ab
     raw_sq = x_sq + 2 * ax * bc * ub + bc * bc * bb
-    nz = _clamped_norm(raw_sq.clamp_min(0.0))
-    log_scale = torch.asinh(nz) / (sqrt_c * nz)
+    nz = _clamped_norm(ops.clamp_min(raw_sq, 0.0), ops)
+    log_scale = ops.asinh(nz) / (sqrt_c * nz)
     a, b = log_scale * ax, log_scale * bc
     if residual:  # beta's terms dropped: |boosted|² = x_sq (so a - round_trip is exactly 0 at beta = 0)
-        nzr = _clamped_norm(x_sq.clamp_min(0.0))
-        g = torch.asinh(nzr) / (sqrt_c * nzr)
+        nzr = _clamped_norm(ops.clamp_min(x_sq, 0.0), ops)
+        g = ops.asinh(nzr) / (sqrt_c * nzr)
         a = 1 + (a - g * ax)
     if grads is None:
         return a, b, None
@@ -254,10 +268,11 @@ def _lorentz_span(uu, ub, bb, sqrt_c, c, residual, grads):
 _SPANS = {"poincare": _poincare_span, "lorentz": _lorentz_span}
 
 
-def _map_coefficients(uu, ub, bb, scale, c, manifold, residual, grads=None):
+def _map_coefficients(uu, ub, bb, scale, c, manifold, residual, grads=None, ops=_TensorMath):
     """(A, B) with Möbius map output = A·u + B·beta, from the row scalars uu = |u|², ub = <u, beta> and bb = |beta|²
-    ([rows, 1] each); with `grads` = (dL/dA, dL/dB), also (dL/duu, dL/dub, dL/dbb, dL/dscale, dL/dc), written out by
-    hand (autograd over these few-element tensors costs several times more per op).
+    ([rows, 1] tensors, or Python floats with `ops=_FloatMath`); with `grads` = (dL/dA, dL/dB), also (dL/duu, dL/dub,
+    dL/dbb, dL/dscale, dL/dc), written out by hand (autograd over these few-element tensors costs several times more
+    per op).
 
     Every map is radial (exp0, log0 and the ball projection rescale their input), and Möbius addition and the Lorentz
     boost combine their two inputs linearly, so log0(exp0(x) ⊕ exp0(beta)) = a·x + b·beta with per-row scalars a, b
@@ -267,10 +282,10 @@ def _map_coefficients(uu, ub, bb, scale, c, manifold, residual, grads=None):
     """
     if manifold not in _SPANS:
         raise ValueError(f"unknown manifold {manifold!r}; use 'poincare' or 'lorentz'")
-    sqrt_c = c.sqrt()
+    sqrt_c = ops.sqrt(c)
     xx, xb = uu / (scale * scale), ub / scale
     a, b, span_grads = _SPANS[manifold](xx, xb, bb, sqrt_c, c, residual, None if grads is None else
-                                        (grads[0], grads[1] * scale))
+                                        (grads[0], grads[1] * scale), ops)
     if grads is None:
         return a, scale * b, None
     xx_bar, xb_bar, bb_bar, sqrt_c_bar, c_bar = span_grads
@@ -317,6 +332,25 @@ def _map_rows_(u, table, scale, c, index, manifold, residual) -> tuple[torch.Ten
     else:
         u.copy_(torch.addmm(wide * a, _spread(b, chosen, table.shape[0]), table))
     return chosen, selected, uu, ub, bb, a, b
+
+
+# Up to this many rows, inference maps on CPUs compute their coefficients on the host (`mobius_bias_row_`); on GPUs
+# each host read would stall the launch queue.
+FEW_ROWS = 8
+
+
+def mobius_bias_row_(u: torch.Tensor, beta: torch.Tensor, scale: float, c: float, manifold: str,
+                     residual: bool = True) -> torch.Tensor:
+    """`mobius_bias_` of one row u [1, D] with its bias beta [1, D] (compute dtype), in place, without autograd (eager
+    decoding steps): |u|², <u, beta> and |beta|² go to the host in one read and A, B are computed in Python floats
+    (fp64) by the same `_map_coefficients`; the ~60 [rows, 1] tensor ops of the batched path cost far more than one
+    row's own work. Returns u."""
+    wide = u.to(beta.dtype)
+    vectors = torch.cat([wide, beta])
+    (uu, ub), (_, bb) = (vectors @ vectors.T).tolist()
+    a, b, _ = _map_coefficients(uu, ub, bb, scale, c, manifold, residual, ops=_FloatMath)
+    result = wide.mul_(a).add_(beta, alpha=b)
+    return u if result is u else u.copy_(result)
 
 
 class _MobiusBias(torch.autograd.Function):
@@ -397,6 +431,12 @@ def mobius_bias_(
     with torch.autocast(device_type=u.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (u, *args[:3])):
             _MobiusBias.apply(u, *args, start, stop)
+        elif stop - start <= FEW_ROWS and u.device.type == "cpu" and not torch.compiler.is_compiling():
+            host_scale, host_c = float(args[1]), float(args[2])
+            for row, expert in enumerate(args[3].tolist(), start):
+                if expert >= 0:
+                    mobius_bias_row_(u[row : row + 1], table[expert : expert + 1], host_scale, host_c, manifold,
+                                     residual)
         else:  # inference: no autograd record (which compiled graphs could not trace without one either)
             _map_rows_(u[start:stop], *args)
     return u
@@ -415,6 +455,7 @@ __all__ = [
     "mobius_bias",
     "mobius_bias_",
     "mobius_bias_reference",
+    "mobius_bias_row_",
     "mobius_translate",
     "poincare_expmap0",
     "poincare_logmap0",

@@ -13,6 +13,7 @@ This file is part of the Hub bundle: it imports only torch, transformers and its
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import weakref
@@ -46,7 +47,7 @@ from ..configuration.configuration_asymoe import (
     anyres_layout,
     write_remote_code,
 )
-from .hyperbolic_asymoe import mobius_bias_
+from .hyperbolic_asymoe import mobius_bias_, mobius_bias_row_
 
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (in `generate`'s calls to `forward`, in output
 # fields, in the mask helpers and in the gradient-checkpointing guard). Every forward here accepts both names; calls
@@ -225,12 +226,23 @@ class AsyMoEMLP(nn.Module):
 def reach_masks(layout: ExpertLayout, device: torch.device | str) -> torch.Tensor:
     """[2, E] bool: the experts image tokens (row 0) and text tokens (row 1) may route to (`ExpertLayout.reachable`).
 
-    Built on each call, not kept as a buffer (meta-device loading leaves buffers uninitialised).
+    Built from the layout, not kept as a buffer (meta-device loading leaves buffers uninitialised); eager calls share
+    one read-only copy per layout and device.
     """
-    masks = torch.zeros(2, layout.num_experts, dtype=torch.bool, device=device)
-    for row, modality in enumerate(("image", "text")):
-        masks[row, list(layout.reachable(modality))] = True
-    return masks
+    if torch.compiler.is_compiling():
+        return _build_reach_masks(layout, torch.device(device))
+    return _shared_reach_masks(layout, torch.device(device))
+
+
+def _build_reach_masks(layout: ExpertLayout, device: torch.device) -> torch.Tensor:
+    reachable = [set(layout.reachable(modality)) for modality in ("image", "text")]
+    return torch.tensor([[e in experts for e in range(layout.num_experts)] for experts in reachable], device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_reach_masks(layout: ExpertLayout, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # an inference-mode tensor could not serve a later forward under autograd
+        return _build_reach_masks(layout, device)
 
 
 def select_experts(
@@ -238,16 +250,17 @@ def select_experts(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The routing rule, in one place (the router, its losses and its statistics all use it).
 
-    logits [N, E] fp32, reachable [N, E] bool, bias [N, E] -> probs [N, E] (softmax over the reachable experts),
-    top-k weights [N, k] and expert ids [N, k]. The experts are the top-k of logit + bias (the load-balancing bias
-    steers the choice only, as in DeepSeek-V3); their weights are their probabilities renormalised over the k chosen.
+    logits [N, E] fp32, reachable [N, E] bool, bias [N, E] -> masked logits [N, E] (-inf where unreachable: their
+    softmax is the routing probabilities), top-k weights [N, k] and expert ids [N, k]. The experts are the top-k of
+    logit + bias (the load-balancing bias steers the choice only, as in DeepSeek-V3); their weights are their
+    probabilities renormalised over the k chosen.
     """
     masked = logits.masked_fill(~reachable, float("-inf"))
     # Top-k of the masked logits, not of probs: where exp underflows (logit gaps > ~100), reachable experts tie with
     # unreachable ones at probability 0 and top-k could pick an unreachable expert.
     top_index = torch.topk(masked + bias, top_k, dim=-1).indices
     top_weights = F.softmax(logits.gather(-1, top_index), dim=-1)  # = probs of the chosen, renormalised
-    return F.softmax(masked, dim=-1), top_weights, top_index
+    return masked, top_weights, top_index
 
 
 class AsyMoERouter(nn.Module):
@@ -374,6 +387,43 @@ class AsyMoEExpertsMixin:
     def curvature(self) -> torch.Tensor:
         return F.softplus(self.raw_curvature.float())
 
+    def few_tokens_inference(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+        evidence_states: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Eager CPU inference on a few tokens (decoding steps): the routing is read on the host once, then each
+        (token, expert) pair runs through its expert's weights as views (no sort, histogram or weight copy) and the
+        maps of inter experts run on the single row (`mobius_bias_row_`)."""
+        maps = {}  # filled when the first inter expert is met: projection -> (bias table, scale, curvature, ...)
+
+        def hyperbolic_row_(row, expert, which):
+            if not (self.is_hyperbolic and self.inter_start <= expert < self.evidence_start):
+                return
+            if not maps:
+                scale_gate_up, scale_down, c = torch.cat(
+                    [self.log_scale_gate_up.exp(), self.log_scale_down.exp(), self.curvature]).tolist()
+                config = self.config
+                rest = (c, config.manifold, config.mobius_residual)
+                maps.update(gate_up=(self.mobius_bias_gate_up, scale_gate_up, *rest),
+                            down=(self.mobius_bias_down, scale_down, *rest))
+            table, *scalars = maps[which]
+            inter = expert - self.inter_start
+            mobius_bias_row_(row, table[inter : inter + 1].float(), *scalars)
+
+        output = torch.zeros_like(hidden_states)
+        for token, (experts, weights) in enumerate(zip(top_k_index.tolist(), top_k_weights.tolist())):
+            rows = slice(token, token + 1)  # [1, H] views: 2-D projections run without reshapes
+            for expert, weight in zip(experts, weights):
+                reads_evidence = evidence_states is not None and expert >= self.evidence_start
+                row = (evidence_states if reads_evidence else hidden_states)[rows].to(hidden_states.dtype)
+                gate_up = F.linear(row, self.gate_up_proj[expert])
+                hyperbolic_row_(gate_up, expert, "gate_up")
+                gate, up = gate_up.chunk(2, dim=-1)
+                down = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+                hyperbolic_row_(down, expert, "down")
+                output[rows].add_(down, alpha=weight)
+        return output
+
     def expert_ffn(
         self, rows: torch.Tensor, expert_ids: torch.Tensor, linear: Callable, inter_rows: slice | None = None
     ) -> torch.Tensor:
@@ -394,14 +444,19 @@ def asymoe_grouped_mm_experts_forward(
     """One grouped GEMM per projection over all expert groups (rows sorted by expert, dropless). Eager, the Möbius
     maps run on the inter experts' rows only (their bounds read on the host); compiled, on every row (no sync).
 
-    Compiled calls of at most `config.experts_gather_max_tokens` tokens (decoding steps) gather each token's expert
-    weights instead (`batched_mm`): measured on a CPU (H 256, width 704, 5 experts, top-2, inductor) that takes 0.60x
-    the grouped GEMM's time at 1 token, 0.91x at 4 and 1.45x at 8; eager, the gather was slower at every size (1.7x
-    at 1 token), as it copies the weights it reads.
+    Calls of at most `config.experts_gather_max_tokens` tokens (decoding steps) skip the sort: compiled, they gather
+    each token's expert weights (`batched_mm`; on a CPU, H 256, width 704, 5 experts, top-2, inductor: 0.60x the
+    grouped GEMM's time at 1 token, 0.91x at 4, 1.45x at 8); eager inference runs each (token, expert) pair through
+    its expert's weights on CPUs (`few_tokens_inference`; the eager gather was slower at every size, as it copies the
+    weights it reads). That path reads the routing on the host; on GPUs, where each read stalls the launch queue, it
+    is not used: the rule there is unmeasured (no GPU was available), see docs/performance.md.
     """
     num_tokens, top_k = top_k_index.shape
-    if torch.compiler.is_compiling() and num_tokens <= self.config.experts_gather_max_tokens:
-        return asymoe_batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights, evidence_states)
+    if num_tokens <= self.config.experts_gather_max_tokens:
+        if torch.compiler.is_compiling():
+            return asymoe_batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights, evidence_states)
+        if not torch.is_grad_enabled() and hidden_states.device.type == "cpu":
+            return self.few_tokens_inference(hidden_states, top_k_index, top_k_weights, evidence_states)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
     token_idx = perm // top_k
     rows = self.expert_inputs(hidden_states, evidence_states, token_idx, expert_ids)
@@ -530,24 +585,29 @@ class AsyMoEEvidenceReadout(nn.Module):
         num_keys, total = key.shape[-2], evidence_mask.shape[-1]
         device = hidden_states.device
         if num_keys >= total:  # full or static cache: key j is position j
-            evidence = F.pad(evidence_mask, (0, num_keys - total))
-            key_pos = torch.arange(num_keys, device=device)
+            evidence = evidence_mask if num_keys == total else F.pad(evidence_mask, (0, num_keys - total))
+            first_key = 0
         else:  # sliding-window cache keeps the last `num_keys` positions
             evidence = evidence_mask[:, -num_keys:]
-            key_pos = torch.arange(total - num_keys, total, device=device)
-        query_pos = torch.arange(seq, device=device) + past_length  # past_length may be a 0-d tensor (static cache)
-        allowed = evidence[:, None, None, :] & (key_pos[None, :] <= query_pos[:, None])[None, None]
+            first_key = total - num_keys
+        allowed = evidence[:, None, None, :]
+        if seq > 1:  # one new token (a decoding step) is the last position: no evidence lies after it
+            key_pos = torch.arange(first_key, first_key + num_keys, device=device)
+            query_pos = torch.arange(seq, device=device) + past_length  # past_length: a 0-d tensor in static caches
+            allowed = allowed & (key_pos[None, :] <= query_pos[:, None])[None, None]
 
         query = self.q_proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim)
         if self.q_norm is not None:
             query = self.q_norm(query)
         query = apply_rotary(query.transpose(1, 2), *position_embeddings)
-        key = repeat_kv(key, self.num_key_value_groups)
-        value = repeat_kv(value, self.num_key_value_groups)
-        scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * self.head_dim**-0.5
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)  # bf16 under autocast
-        weights = F.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)
-        readout = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).reshape(batch, seq, -1)
+        # A token with no evidence before it reads r = 0. Its mask row opens every key instead of none (a softmax over
+        # no key is NaN on some attention backends, and NaN * 0 poisons the backward); the product then zeroes it.
+        has_evidence = allowed.any(dim=-1, keepdim=True)
+        readout = F.scaled_dot_product_attention(
+            query.float(), key.float(), value.float(), attn_mask=allowed | ~has_evidence,
+            enable_gqa=self.num_key_value_groups > 1,
+        )  # fp32 scores and weights for any model dtype (bf16 under autocast)
+        readout = (readout * has_evidence).to(hidden_states.dtype).transpose(1, 2).reshape(batch, seq, -1)
         gate = torch.sigmoid(self.gate(torch.cat([hidden_states, readout], dim=-1)))
         return hidden_states + gate * self.o_proj(readout)
 
@@ -1248,9 +1308,10 @@ def router_losses(
     for logits, block in zip(router_logits, blocks):
         logits, router = logits.float(), block.router
         reach = reach_masks(block.layout, logits.device)
-        probs, _, chosen = select_experts(
+        masked, _, chosen = select_experts(
             logits, reach[modality], router.e_score_correction_bias.to(logits.device)[modality], router.top_k
         )
+        probs = F.softmax(masked, dim=-1)
         slots = F.one_hot(chosen, logits.shape[-1]).float().sum(dim=1) / router.top_k  # [N, E], rows sum to 1
         for row in range(2):
             tokens = valid & (modality == row)

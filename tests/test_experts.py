@@ -98,6 +98,18 @@ def swiglu_reference(experts: AsyMoEExperts, hidden, index, weights) -> torch.Te
     return out
 
 
+def experts_and_inputs(num_tokens: int, with_evidence: bool = True, **config_overrides):
+    """Experts of the evidence layer (every group) with random weights and Möbius biases, and random hidden / evidence
+    inputs of `num_tokens` tokens."""
+    config = text_config(**config_overrides)
+    experts = AsyMoEExperts(config, config.expert_layout(EVIDENCE_LAYER))
+    init_experts(experts, seed=1, bias_std=0.1)
+    g = generator(2)
+    hidden = torch.randn(num_tokens, HIDDEN, generator=g)
+    evidence = hidden + 0.5 * torch.randn(num_tokens, HIDDEN, generator=g) if with_evidence else None
+    return experts, hidden, evidence
+
+
 def run_experts(experts, implementation, hidden, index, weights, evidence, module=None):
     """Forward + backward of a fixed random linear functional through `module` (default: the experts themselves);
     returns the output and every gradient."""
@@ -136,12 +148,7 @@ def assert_grads_close(actual: dict, expected: dict) -> None:
 def test_implementations_agree(manifold, residual, with_evidence, routing):
     """eager, grouped_mm and batched_mm: same outputs and same gradients for every expert parameter (Möbius biases,
     scales and curvature included) and for the hidden / evidence inputs, with nonzero Möbius biases."""
-    config = text_config(manifold=manifold, mobius_residual=residual)
-    experts = AsyMoEExperts(config, config.expert_layout(EVIDENCE_LAYER))
-    init_experts(experts, seed=1, bias_std=0.1)
-    g = generator(2)
-    hidden = torch.randn(24, HIDDEN, generator=g)
-    evidence = hidden + 0.5 * torch.randn(24, HIDDEN, generator=g) if with_evidence else None
+    experts, hidden, evidence = experts_and_inputs(24, with_evidence, manifold=manifold, mobius_residual=residual)
     exclude = (0,) if routing == "empty-expert" else ()
     index, weights = random_routing(24, experts.num_experts, 2, seed=3, exclude=exclude)
     assert set(index.unique().tolist()) == set(range(experts.num_experts)) - set(exclude)
@@ -175,13 +182,8 @@ def test_compiled_grouped_mm_agrees_with_eager(manifold, num_tokens, kernel, mon
     gather = modeling_asymoe.asymoe_batched_mm_experts_forward
     monkeypatch.setattr(modeling_asymoe, "asymoe_batched_mm_experts_forward",
                         lambda *args: gathered.append(True) or gather(*args))
-    config = text_config(manifold=manifold)
-    assert config.experts_gather_max_tokens == 4
-    experts = AsyMoEExperts(config, config.expert_layout(EVIDENCE_LAYER))
-    init_experts(experts, seed=1, bias_std=0.1)
-    g = generator(2)
-    hidden = torch.randn(num_tokens, HIDDEN, generator=g)
-    evidence = hidden + 0.5 * torch.randn(num_tokens, HIDDEN, generator=g)
+    experts, hidden, evidence = experts_and_inputs(num_tokens, manifold=manifold)
+    assert experts.config.experts_gather_max_tokens == 4
     index, weights = random_routing(num_tokens, experts.num_experts, 2, seed=3)
     index[:3] = torch.tensor([[0, 2], [1, 3], [4, 2]])  # every group: vision | text | inter | evidence
     out_ref, grads_ref = run_experts(experts, "eager", hidden, index, weights, evidence)
@@ -191,6 +193,35 @@ def test_compiled_grouped_mm_agrees_with_eager(manifold, num_tokens, kernel, mon
     assert bool(gathered) == (kernel == "gather")
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     assert_grads_close(grads, grads_ref)
+
+
+@pytest.mark.parametrize("with_evidence", [True, False], ids=["evidence", "no-evidence"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "textbook"])
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+def test_few_token_inference_agrees_with_eager(manifold, residual, with_evidence, monkeypatch):
+    """Eager inference calls of at most `experts_gather_max_tokens` tokens (decoding steps) run each (token, expert)
+    pair through its expert's weights with the maps on single rows; they equal the eager loop for every group, and
+    larger calls or calls under autograd take the grouped GEMM."""
+    taken = []
+    few_tokens = AsyMoEExperts.few_tokens_inference
+    monkeypatch.setattr(AsyMoEExperts, "few_tokens_inference", lambda *args: taken.append(True) or few_tokens(*args))
+    experts, hidden, evidence = experts_and_inputs(5, with_evidence, manifold=manifold, mobius_residual=residual)
+    index, weights = random_routing(5, experts.num_experts, 2, seed=3)
+    index[:3] = torch.tensor([[0, 2], [1, 3], [4, 2]])  # every group: vision | text | inter | evidence
+    for num_tokens, expected_path in ((1, True), (4, True), (5, False)):
+        rows = slice(0, num_tokens)
+        args = (hidden[rows], index[rows], weights[rows], None if evidence is None else evidence[rows])
+        with torch.no_grad():
+            experts.config._experts_implementation = "eager"
+            reference = experts(*args)
+            experts.config._experts_implementation = "grouped_mm"
+            taken.clear()
+            out = experts(*args)
+        assert bool(taken) == expected_path, num_tokens
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    taken.clear()
+    run_experts(experts, "grouped_mm", hidden[:1], index[:1], weights[:1], None)
+    assert not taken
 
 
 @pytest.mark.parametrize("value", [-1, 2.5, None])
@@ -371,6 +402,22 @@ def test_readout_is_causal_over_evidence(evidence_setup):
                                    atol=1e-6)
 
 
+def test_readout_without_evidence_has_finite_gradients(evidence_setup):
+    """A sequence without evidence (text only) reads r = 0 at every token; the backward through the readout stays
+    finite (its attention has no key to attend for these rows) and gives the query projection no gradient."""
+    _, readout, hidden, (key, value), rope, evidence_mask = evidence_setup
+    evidence_mask[1] = False
+    with torch.no_grad():
+        readout.o_proj.weight.normal_(0.0, 0.3, generator=generator(17))
+    hidden, key, value = (t.clone().requires_grad_() for t in (hidden, key, value))
+    out = readout(hidden[1:], (key[1:], value[1:]), rope, evidence_mask[1:], 0)
+    assert torch.equal(out, hidden[1:])
+    (out * torch.randn(out.shape, generator=generator(18))).sum().backward()
+    for tensor in (hidden.grad, key.grad, value.grad, *(p.grad for p in readout.parameters())):
+        assert tensor is not None and torch.isfinite(tensor).all()
+    assert not readout.q_proj.weight.grad.any()
+
+
 def test_readout_single_evidence_value_by_hand(evidence_setup):
     """One evidence position j: every token t >= j attends only to it, so r_t is value[j] per head (GQA-repeated)
     and the output is h + sigmoid(w_g·[h; r] + b_g) · W_o r; tokens before j get h."""
@@ -415,6 +462,21 @@ def test_reach_masks_follow_layout():
     image_reach, text_reach = reach_masks(layout, "cpu")
     assert set(image_reach.nonzero().flatten().tolist()) == IMAGE_IDS
     assert set(text_reach.nonzero().flatten().tolist()) == TEXT_IDS
+
+
+def test_reach_masks_shared_from_inference_mode_serve_training():
+    """The masks are shared between calls; a first call under `torch.inference_mode` (evaluation) must not leave an
+    inference tensor that a later training loss cannot save for its backward (`router_losses` indexes with them)."""
+    config = text_config()
+    block = AsyMoESparseBlock(config, config.expert_layout(EVIDENCE_LAYER))
+    image_mask, valid = torch.tensor([True, False, False, True]), torch.ones(4, dtype=torch.bool)
+    modeling_asymoe._shared_reach_masks.cache_clear()
+    with torch.inference_mode():
+        reach_masks(block.layout, "cpu")
+    logits = torch.randn(4, block.layout.num_experts, requires_grad=True)
+    aux_loss, z_loss = router_losses((logits,), [block], image_mask, valid)
+    (aux_loss + z_loss).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("layer, text_ids", [(EVIDENCE_LAYER, TEXT_IDS), (PLAIN_LAYER, {1, 2, 3})])

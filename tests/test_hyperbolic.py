@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from asymoe.modeling.hyperbolic_asymoe import (
+    FEW_ROWS,
     _map_coefficients,
     lorentz_boost,
     lorentz_expmap0,
@@ -18,6 +19,7 @@ from asymoe.modeling.hyperbolic_asymoe import (
     mobius_bias,
     mobius_bias_,
     mobius_bias_reference,
+    mobius_bias_row_,
     mobius_translate,
     poincare_expmap0,
     poincare_logmap0,
@@ -320,6 +322,36 @@ def test_fast_mobius_bias_equals_reference(manifold, residual):
     beta = tangents([0.5], seed=3)[0]
     torch.testing.assert_close(mobius_bias(beyond, beta, scale, c, manifold, residual),
                                mobius_bias_reference(beyond, beta, scale, c, manifold, residual), rtol=5e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "textbook"])
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+def test_few_row_inference_equals_batched_rows(manifold, residual, dtype):
+    """Inference on at most FEW_ROWS rows computes the coefficients on the host, in Python floats (fp64), one row at a
+    time (`mobius_bias_row_`); it agrees with the batched fp32 path on the same rows (which it takes for more rows):
+    rows left out (index -1) untouched, a zero bias returning u bitwise in the residual form, finite for huge norms
+    (where both agree to the fp32 precision of the saturated map)."""
+    scale, c = torch.tensor([1.7]), torch.tensor([0.8])
+    table = torch.cat([torch.zeros(1, DIM), tangents([0.05, 0.4, 1.0], seed=1)])
+    rows = torch.cat([tangents(torch.linspace(0.0, 3.0, 6) * 1.7 / 0.8**0.5, seed=0), tangents([1e4, 1e18], seed=2)])
+    index = torch.tensor([0, 1, 2, 3, -1, 0, 1, 2])
+    assert len(rows) == FEW_ROWS
+    with torch.no_grad():
+        few = mobius_bias_(rows.to(dtype, copy=True), table, scale, c, manifold, residual, index)
+        padded = torch.cat([rows, tangents(torch.ones(FEW_ROWS), seed=5)]).to(dtype)  # more rows: batched path
+        batched = mobius_bias_(padded, table, scale, c, manifold, residual, torch.cat([index, index]))[:FEW_ROWS]
+    assert few.dtype == dtype and torch.isfinite(few.float()).all()
+    # Beyond the Poincaré clamp (the last two rows) artanh at the ball's edge amplifies fp32 rounding ~5e4-fold.
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(few[:6].float(), batched[:6].float(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(few[6:].float(), batched[6:].float(), rtol=5e-3, atol=tolerance)
+    assert torch.equal(few[index == -1], rows.to(dtype)[index == -1])
+    if residual:
+        assert torch.equal(few[index == 0], rows.to(dtype)[index == 0])
+    single = rows[1:2].to(dtype, copy=True)
+    assert mobius_bias_row_(single, table[1:2], float(scale), float(c), manifold, residual) is single
+    assert torch.equal(single, few[1:2])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
