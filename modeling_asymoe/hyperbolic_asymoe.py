@@ -3,13 +3,15 @@
 The Möbius bias runs in fp32 or wider whatever the input dtype (bf16 maps overflow from a tangent norm of about 5)
 and clamps the geodesic radius, so it returns finite values for any finite input. The model runs it in place on the
 inter experts' rows of each projection's output, in closed form over per-row scalars (`mobius_bias_`); the maps
-composed as written (`mobius_bias_reference`) define it. This file is part of the Hub bundle: it imports only torch.
+composed as written (`mobius_bias_reference`) define it. This file is part of the Hub bundle: it imports only torch
+and NumPy (a dependency of transformers).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 # Largest geodesic radius sqrt(c)*|v| kept by the maps. Poincaré: tanh saturates in fp32 beyond ~9, and the ball is
@@ -132,10 +134,16 @@ def _compute_dtype(u: torch.Tensor) -> torch.dtype:
 
 
 class _TensorMath:
-    """The elementwise functions the map coefficients use, on tensors; `_FloatMath`: the same on Python floats."""
+    """The elementwise functions the map coefficients use, on tensors; `_NumpyMath` and `_FloatMath`: the same on
+    NumPy arrays and on Python floats (forward only)."""
 
-    sqrt, tanh, atanh, sinh, asinh = torch.sqrt, torch.tanh, torch.atanh, torch.sinh, torch.asinh
-    clamp_min, clamp_max = torch.clamp_min, torch.clamp_max
+    sqrt, tanh, atanh, sinh, asinh, cosh = torch.sqrt, torch.tanh, torch.atanh, torch.sinh, torch.asinh, torch.cosh
+    clamp_min, clamp_max, where, zeros_like = torch.clamp_min, torch.clamp_max, torch.where, torch.zeros_like
+
+
+class _NumpyMath:
+    sqrt, tanh, atanh, sinh, asinh, cosh = np.sqrt, np.tanh, np.arctanh, np.sinh, np.arcsinh, np.cosh
+    clamp_min, clamp_max, where, zeros_like = np.maximum, np.minimum, np.where, np.zeros_like
 
 
 class _FloatMath:
@@ -147,7 +155,7 @@ def _clamped_norm(squared, ops=_TensorMath):
     return ops.sqrt(ops.clamp_min(squared, _MIN_NORM**2))
 
 
-def _clamped_norm_slope(squared: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+def _clamped_norm_slope(squared, norm):
     """d `_clamped_norm(squared)` / d squared, given that norm."""
     return (squared >= _MIN_NORM**2) / (2 * norm)
 
@@ -231,16 +239,16 @@ def _lorentz_span(uu, ub, bb, sqrt_c, c, residual, grads, ops=_TensorMath):
     a_bar, b_bar = grads
     log_bar = a_bar * ax + b_bar * bc
     ax_bar, bc_bar = a_bar * log_scale, b_bar * log_scale
-    x_sq_bar = torch.zeros_like(x_sq)
+    x_sq_bar = ops.zeros_like(x_sq)
     sqrt_c_bar = -(log_bar * log_scale) / sqrt_c
     if residual:
         g_bar = -a_bar * ax
         ax_bar = ax_bar - a_bar * g
-        nzr_bar = g_bar * (1 / ((1 + nzr * nzr).sqrt() * sqrt_c * nzr) - g / nzr)
+        nzr_bar = g_bar * (1 / (ops.sqrt(1 + nzr * nzr) * sqrt_c * nzr) - g / nzr)
         sqrt_c_bar = sqrt_c_bar - g_bar * g / sqrt_c
-        x_sq_bar = (x_sq >= 0) * nzr_bar * _clamped_norm_slope(x_sq.clamp_min(0.0), nzr)
-    nz_bar = log_bar * (1 / ((1 + nz * nz).sqrt() * sqrt_c * nz) - log_scale / nz)
-    sq_bar = (raw_sq >= 0) * nz_bar * _clamped_norm_slope(raw_sq.clamp_min(0.0), nz)
+        x_sq_bar = (x_sq >= 0) * nzr_bar * _clamped_norm_slope(ops.clamp_min(x_sq, 0.0), nzr)
+    nz_bar = log_bar * (1 / (ops.sqrt(1 + nz * nz) * sqrt_c * nz) - log_scale / nz)
+    sq_bar = (raw_sq >= 0) * nz_bar * _clamped_norm_slope(ops.clamp_min(raw_sq, 0.0), nz)
     x_sq_bar = x_sq_bar + sq_bar
     ax_bar = ax_bar + sq_bar * 2 * bc * ub
     bc_bar = bc_bar + sq_bar * 2 * (ax * ub + bc * bb)
@@ -256,13 +264,13 @@ def _lorentz_span(uu, ub, bb, sqrt_c, c, residual, grads, ops=_TensorMath):
     ax_bar = ax_bar + x_sq_bar * 2 * ax * uu
     uu_bar = x_sq_bar * ax * ax
     # a_ = sinh(min(sqrt(c)·n, R)) / n
-    rx_bar = (sqrt_c * nu <= LORENTZ_MAX_RADIUS) * ax_bar * torch.cosh(rx) / nu
-    ry_bar = (sqrt_c * nb <= LORENTZ_MAX_RADIUS) * ab_bar * torch.cosh(ry) / nb
+    rx_bar = (sqrt_c * nu <= LORENTZ_MAX_RADIUS) * ax_bar * ops.cosh(rx) / nu
+    ry_bar = (sqrt_c * nb <= LORENTZ_MAX_RADIUS) * ab_bar * ops.cosh(ry) / nb
     nu_bar, nb_bar = rx_bar * sqrt_c - ax_bar * ax / nu, ry_bar * sqrt_c - ab_bar * ab / nb
     uu_bar = uu_bar + nu_bar * _clamped_norm_slope(uu, nu)
     bb_bar = bb_bar + nb_bar * _clamped_norm_slope(bb, nb)
     sqrt_c_bar = sqrt_c_bar + rx_bar * nu + ry_bar * nb
-    return a, b, (uu_bar, ub_bar, bb_bar, sqrt_c_bar, torch.zeros_like(uu))
+    return a, b, (uu_bar, ub_bar, bb_bar, sqrt_c_bar, ops.zeros_like(uu))
 
 
 _SPANS = {"poincare": _poincare_span, "lorentz": _lorentz_span}
@@ -295,11 +303,23 @@ def _map_coefficients(uu, ub, bb, scale, c, manifold, residual, grads=None, ops=
 
 
 def _coefficients(uu, ub, bb, scale, c, selected, manifold, residual, grads=None):
-    """`_map_coefficients` for the selected rows, the identity (A, B) = (1, 0), a constant, for the others."""
+    """`_map_coefficients` for the selected rows, the identity (A, B) = (1, 0), a constant, for the others. Eager on
+    CPUs the [rows, 1] arithmetic runs in NumPy (same dtype, zero-copy views), whose ops cost a fraction of a torch
+    op's dispatch here; compiled graphs and other devices run it in torch."""
+    if uu.device.type == "cpu" and not torch.compiler.is_compiling():
+        arrays = [t.detach().numpy() for t in (uu, ub, bb, scale, c, selected, *(grads or ()))]
+        with np.errstate(all="ignore"):  # overflow to inf is handled by the clamps, as in torch
+            a, b, grads = _selected_coefficients(*arrays[:6], manifold, residual, arrays[6:] or None, _NumpyMath)
+        to_tensor = torch.from_numpy
+        return to_tensor(a), to_tensor(b), grads and tuple(to_tensor(np.asarray(grad)) for grad in grads)
+    return _selected_coefficients(uu, ub, bb, scale, c, selected, manifold, residual, grads, _TensorMath)
+
+
+def _selected_coefficients(uu, ub, bb, scale, c, selected, manifold, residual, grads, ops):
     if grads is not None:
         grads = (grads[0] * selected, grads[1] * selected)
-    a, b, grads = _map_coefficients(uu, ub, bb, scale, c, manifold, residual, grads)
-    return torch.where(selected, a, 1.0), torch.where(selected, b, 0.0), grads
+    a, b, grads = _map_coefficients(uu, ub, bb, scale, c, manifold, residual, grads, ops)
+    return ops.where(selected, a, 1.0), ops.where(selected, b, 0.0), grads
 
 
 def _spread(values: torch.Tensor, chosen: torch.Tensor, n: int) -> torch.Tensor:

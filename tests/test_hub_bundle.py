@@ -113,7 +113,7 @@ def test_bundle_guards_its_transformers_range(checkpoint, tmp_path):
 def test_isolated_site_excludes_toolkit(tmp_path):
     """The isolation is real: the toolkit packages are outside the closure this test exposes."""
     allowed = closure(ALLOWED_DISTRIBUTIONS)
-    assert {"torch", "transformers", "safetensors", "pillow"} <= allowed
+    assert {"torch", "transformers", "numpy", "safetensors", "pillow"} <= allowed
     assert not {"asymoe", "trl", "peft", "datasets", "evaluate", "accelerate"} & allowed
 
 
@@ -150,10 +150,11 @@ def test_emitted_files_are_the_flattened_sources(checkpoint):
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLE_SOURCES))
-def test_bundle_imports_only_torch_transformers_stdlib_and_siblings(name):
-    """Remote code may import torch, transformers, the standard library and flat siblings — nothing else."""
+def test_bundle_imports_only_torch_transformers_numpy_stdlib_and_siblings(name):
+    """Remote code may import torch, transformers (and NumPy, which transformers requires), the standard library and
+    flat siblings — nothing else."""
     tree = ast.parse(BUNDLE_SOURCES[name].read_text())
-    allowed_roots = {"torch", "transformers", "__future__"} | set(sys.stdlib_module_names)
+    allowed_roots = {"torch", "transformers", "numpy", "__future__"} | set(sys.stdlib_module_names)
     for node in ast.walk(tree):
         if isinstance(node, ast.Try):
             # transformers ignores imports inside try/except (optional toolkit hooks such as from_dense)
