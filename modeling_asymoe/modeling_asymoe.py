@@ -416,24 +416,19 @@ class AsyMoEExpertsMixin:
             for expert, weight in zip(experts, weights):
                 reads_evidence = evidence_states is not None and expert >= self.evidence_start
                 row = (evidence_states if reads_evidence else hidden_states)[rows].to(hidden_states.dtype)
-                gate_up = F.linear(row, self.gate_up_proj[expert])
-                hyperbolic_row_(gate_up, expert, "gate_up")
-                gate, up = gate_up.chunk(2, dim=-1)
-                down = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
-                hyperbolic_row_(down, expert, "down")
+                down = self.expert_ffn(row, lambda x, name, e=expert: F.linear(x, getattr(self, name)[e]),
+                                       lambda out, which, e=expert: hyperbolic_row_(out, e, which))
                 output[rows].add_(down, alpha=weight)
         return output
 
-    def expert_ffn(
-        self, rows: torch.Tensor, expert_ids: torch.Tensor, linear: Callable, inter_rows: slice | None = None
-    ) -> torch.Tensor:
-        """SwiGLU of every row by its expert; `linear(x, weight_name)` does the (grouped) projections; `inter_rows`
-        (see `hyperbolic_`) locates the rows of inter experts."""
+    def expert_ffn(self, rows: torch.Tensor, linear: Callable, map_: Callable) -> torch.Tensor:
+        """SwiGLU of every row by its expert: `linear(x, weight_name)` does the (grouped) projections and
+        `map_(out, which)` the Möbius maps of the inter experts' rows in place (`hyperbolic_`, `mobius_bias_row_`)."""
         gate_up = linear(rows, "gate_up_proj")
-        self.hyperbolic_(gate_up, expert_ids, "gate_up", inter_rows)
+        map_(gate_up, "gate_up")
         gate, up = gate_up.chunk(2, dim=-1)
         down = linear(self.act_fn(gate) * up, "down_proj")
-        self.hyperbolic_(down, expert_ids, "down", inter_rows)
+        map_(down, "down")
         return down
 
 
@@ -471,7 +466,7 @@ def asymoe_grouped_mm_experts_forward(
     def linear(x, name):
         return _grouped_linear(x, getattr(self, name), offsets)
 
-    out = self.expert_ffn(rows, expert_ids, linear, inter_rows)
+    out = self.expert_ffn(rows, linear, lambda out, which: self.hyperbolic_(out, expert_ids, which, inter_rows))
     out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(rows.dtype)
     unsorted = torch.empty_like(out)
     unsorted[perm] = out
@@ -491,7 +486,8 @@ def asymoe_batched_mm_experts_forward(
     def linear(x, name):
         return torch.bmm(getattr(self, name)[expert_ids], x.unsqueeze(-1)).squeeze(-1)
 
-    out = self.expert_ffn(rows, expert_ids, linear) * top_k_weights.reshape(-1, 1).to(rows.dtype)
+    out = self.expert_ffn(rows, linear, lambda out, which: self.hyperbolic_(out, expert_ids, which, None))
+    out = out * top_k_weights.reshape(-1, 1).to(rows.dtype)
     return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
@@ -545,12 +541,15 @@ class AsyMoEExperts(AsyMoEExpertsMixin, nn.Module):
             expert_ids = torch.full_like(token_idx, expert)
             rows = self.expert_inputs(hidden_states, evidence_states, token_idx, expert_ids)
 
+            inter_rows = slice(0, len(rows) if self.inter_start <= expert < self.evidence_start else 0)
+
             def linear(x, name, expert=expert):
                 return F.linear(x, getattr(self, name)[expert])
 
-            inter_rows = slice(0, len(rows) if self.inter_start <= expert < self.evidence_start else 0)
-            out = self.expert_ffn(rows, expert_ids, linear, inter_rows)
-            out = out * top_k_weights[token_idx, slot, None].to(rows.dtype)
+            def map_(out, which, expert_ids=expert_ids, inter_rows=inter_rows):
+                self.hyperbolic_(out, expert_ids, which, inter_rows)
+
+            out = self.expert_ffn(rows, linear, map_) * top_k_weights[token_idx, slot, None].to(rows.dtype)
             output.index_add_(0, token_idx, out.float())
         return output.to(hidden_states.dtype)
 
