@@ -361,11 +361,12 @@ FEW_ROWS = 8
 
 def mobius_bias_row_(u: torch.Tensor, beta: torch.Tensor, scale: float, c: float, manifold: str,
                      residual: bool = True) -> torch.Tensor:
-    """`mobius_bias_` of one row u [1, D] with its bias beta [1, D] (compute dtype), in place, without autograd (eager
-    decoding steps): |u|², <u, beta> and |beta|² go to the host in one read and A, B are computed in Python floats
-    (fp64) by the same `_map_coefficients`; the ~60 [rows, 1] tensor ops of the batched path cost far more than one
-    row's own work. Returns u."""
-    wide = u.to(beta.dtype)
+    """`mobius_bias_` of one row u [1, D] with its bias beta [1, D], in place, without autograd (eager decoding
+    steps): |u|², <u, beta> and |beta|² go to the host in one read and A, B are computed in Python floats (fp64) by
+    the same `_map_coefficients`; the ~60 [rows, 1] tensor ops of the batched path cost far more than one row's own
+    work. The row is updated in fp32 (fp64 for fp64 inputs), like `mobius_bias_`. Returns u."""
+    compute = _compute_dtype(u)
+    wide, beta = u.to(compute), beta.to(compute)
     vectors = torch.cat([wide, beta])
     (uu, ub), (_, bb) = (vectors @ vectors.T).tolist()
     a, b, _ = _map_coefficients(uu, ub, bb, scale, c, manifold, residual, ops=_FloatMath)

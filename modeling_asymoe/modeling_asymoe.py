@@ -408,7 +408,7 @@ class AsyMoEExpertsMixin:
                             down=(self.mobius_bias_down, scale_down, *rest))
             table, *scalars = maps[which]
             inter = expert - self.inter_start
-            mobius_bias_row_(row, table[inter : inter + 1].float(), *scalars)
+            mobius_bias_row_(row, table[inter : inter + 1], *scalars)
 
         output = torch.zeros_like(hidden_states)
         for token, (experts, weights) in enumerate(zip(top_k_index.tolist(), top_k_weights.tolist())):
