@@ -198,6 +198,17 @@ def test_wheel_installs_one_namespace(wheel):
         assert f"asymoe/{module}" in names
     entry_points = zipfile.ZipFile(wheel).read(f"asymoe-{asymoe.__version__}.dist-info/entry_points.txt").decode()
     assert "asymoe = asymoe.cli:main" in entry_points
+    # Package data (files loaded by path: metric modules, recipes, accelerate configs, the demo's dense start), every
+    # file of the source tree; setuptools warns that these folders are not listed as packages.
+    root = Path(__file__).resolve().parents[1]
+    for source, installed, pattern in (("eval/metrics", "asymoe/eval/metrics", "*/*.py"),
+                                       ("configuration/recipes", "asymoe/configuration/recipes", "*.yaml"),
+                                       ("configuration/accelerate", "asymoe/configuration/accelerate", "*.yaml"),
+                                       ("asymoe/checkpoints/dense_start", "asymoe/checkpoints/dense_start", "*")):
+        files = sorted((root / source).glob(pattern))
+        assert files, source
+        for path in files:
+            assert f"{installed}/{path.relative_to(root / source).as_posix()}" in names, path
 
 
 def test_model_only_install_upcycles(wheel, tmp_path):
