@@ -117,7 +117,10 @@ class _LayerProbe:
 
     def _gate_hook(self, index):
         def hook(module, args, output):
-            self.gate[index] = torch.sigmoid(output[self.rows].float()).squeeze(-1)
+            # The readout computes its gate from its first reader on (the model's `_first_evidence_reader`), which
+            # comes before every selected row (a text token after the image): the gate's rows are a suffix.
+            rows = self.rows[:, self.rows.shape[1] - output.shape[1]:]
+            self.gate[index] = torch.sigmoid(output[rows].float()).squeeze(-1)
         return hook
 
     def _router_hook(self, index):

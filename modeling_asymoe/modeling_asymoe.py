@@ -577,8 +577,12 @@ class AsyMoEEvidenceReadout(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         evidence_mask: torch.Tensor,
         past_length: int,
+        first_query: int = 0,
     ) -> torch.Tensor:
-        """`evidence_mask` [batch, past_length + seq] marks evidence among all positions seen so far."""
+        """`evidence_mask` [batch, past_length + seq] marks evidence among all positions seen so far. Queries before
+        `first_query` (positions of this forward that read r = 0, see `_first_evidence_reader`) are not computed: they
+        return h as they would anyway."""
+        skipped, hidden_states = hidden_states[:, :first_query], hidden_states[:, first_query:]
         batch, seq, _ = hidden_states.shape
         key, value = key_value
         num_keys, total = key.shape[-2], evidence_mask.shape[-1]
@@ -590,15 +594,17 @@ class AsyMoEEvidenceReadout(nn.Module):
             evidence = evidence_mask[:, -num_keys:]
             first_key = total - num_keys
         allowed = evidence[:, None, None, :]
-        if seq > 1:  # one new token (a decoding step) is the last position: no evidence lies after it
+        if seq > 1:  # one query (a decoding step) is the last position: no evidence lies after it
             key_pos = torch.arange(first_key, first_key + num_keys, device=device)
-            query_pos = torch.arange(seq, device=device) + past_length  # past_length: a 0-d tensor in static caches
+            # past_length: a 0-d tensor in static caches
+            query_pos = torch.arange(first_query, first_query + seq, device=device) + past_length
             allowed = allowed & (key_pos[None, :] <= query_pos[:, None])[None, None]
 
         query = self.q_proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim)
         if self.q_norm is not None:
             query = self.q_norm(query)
-        query = apply_rotary(query.transpose(1, 2), *position_embeddings)
+        cos, sin = (embedding[:, first_query:] for embedding in position_embeddings)
+        query = apply_rotary(query.transpose(1, 2), cos, sin)
         # A token with no evidence before it reads r = 0. Its mask row opens every key instead of none (a softmax over
         # no key is NaN on some attention backends, and NaN * 0 poisons the backward); the product then zeroes it.
         has_evidence = allowed.any(dim=-1, keepdim=True)
@@ -608,7 +614,8 @@ class AsyMoEEvidenceReadout(nn.Module):
         )  # fp32 scores and weights for any model dtype (bf16 under autocast)
         readout = (readout * has_evidence).to(hidden_states.dtype).transpose(1, 2).reshape(batch, seq, -1)
         gate = torch.sigmoid(self.gate(torch.cat([hidden_states, readout], dim=-1)))
-        return hidden_states + gate * self.o_proj(readout)
+        output = hidden_states + gate * self.o_proj(readout)
+        return torch.cat([skipped, output], dim=1) if first_query else output
 
 
 class AsyMoESparseBlock(nn.Module):
@@ -630,8 +637,10 @@ class AsyMoESparseBlock(nn.Module):
         evidence_mask: torch.Tensor | None = None,
         past_length: int = 0,
         token_mask: torch.Tensor | None = None,
+        first_evidence_reader: int = 0,
     ) -> torch.Tensor:
-        """`image_mask` and `token_mask` (non-padding, for the load balancing; `None`: all) are [batch, seq] bool."""
+        """`image_mask` and `token_mask` (non-padding, for the load balancing; `None`: all) are [batch, seq] bool;
+        `first_evidence_reader`: see `_first_evidence_reader`."""
         batch, seq, hidden = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden)
         token_mask = None if token_mask is None else token_mask.reshape(-1)
@@ -639,7 +648,7 @@ class AsyMoESparseBlock(nn.Module):
         evidence_states = None
         if self.evidence is not None:
             evidence_states = self.evidence(
-                hidden_states, key_value, position_embeddings, evidence_mask, past_length
+                hidden_states, key_value, position_embeddings, evidence_mask, past_length, first_evidence_reader
             ).reshape(-1, hidden)
         return self.experts(flat, top_index, top_weights, evidence_states).view(batch, seq, hidden)
 
@@ -662,6 +671,7 @@ class AsyMoEDecoderLayer(GradientCheckpointingLayer):
         token_mask: torch.Tensor | None = None,
         evidence_mask: torch.Tensor | None = None,
         past_length: int = 0,
+        first_evidence_reader: int = 0,
         cache: Cache | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
@@ -679,7 +689,8 @@ class AsyMoEDecoderLayer(GradientCheckpointingLayer):
         normed = self.post_attention_layernorm(hidden_states)
         if isinstance(self.mlp, AsyMoESparseBlock):
             mlp_output = self.mlp(
-                normed, image_mask, key_value, position_embeddings, evidence_mask, past_length, token_mask
+                normed, image_mask, key_value, position_embeddings, evidence_mask, past_length, token_mask,
+                first_evidence_reader,
             )
         else:
             mlp_output = self.mlp(normed)
@@ -791,10 +802,12 @@ class AsyMoETextModel(AsyMoEPreTrainedModel):
         if image_mask is None:
             image_mask = torch.zeros(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
         token_mask = _current_token_mask(attention_mask, inputs_embeds)
+        first_evidence_reader = 0
         if self.config.evidence_layers:
             evidence_mask = _evidence_history(
                 cache, image_mask if evidence_mask is None else evidence_mask.bool(), past_length
             )
+            first_evidence_reader = _first_evidence_reader(evidence_mask, image_mask, past_length)
 
         mask_fn = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
         causal_mask = mask_fn(
@@ -815,6 +828,7 @@ class AsyMoETextModel(AsyMoEPreTrainedModel):
                 token_mask=token_mask,
                 evidence_mask=evidence_mask,
                 past_length=past_length,
+                first_evidence_reader=first_evidence_reader,
                 position_ids=position_ids,
                 **{CACHE_NAME: cache},
                 **kwargs,
@@ -854,6 +868,23 @@ def _evidence_history(
     history = torch.cat([previous, evidence_now], dim=1)
     cache._asymoe_evidence = history
     return history
+
+
+def _first_evidence_reader(
+    evidence_mask: torch.Tensor, image_mask: torch.Tensor, past_length: int | torch.Tensor
+) -> int:
+    """First position of this forward whose evidence readout is used: the earliest text token, over the batch, with
+    evidence at or before it (image tokens never route to evidence experts; tokens before any evidence read r = 0),
+    capped at the last position so that the readout always runs (its parameters stay in every backward, as DDP
+    expects). The readout skips the positions before it, exactly: they return h. One host read, eager; one-token
+    steps and compiled graphs start at 0."""
+    seq = image_mask.shape[1]
+    if seq == 1 or torch.compiler.is_compiling():
+        return 0
+    positions = torch.arange(seq, device=image_mask.device)
+    seen = evidence_mask.cumsum(dim=1).index_select(1, positions + past_length) > 0
+    readers = (seen & ~image_mask).any(dim=0)
+    return int(torch.where(readers, positions, seq - 1).min())
 
 
 class AsyMoEMultiModalProjector(nn.Module):

@@ -402,6 +402,21 @@ def test_readout_is_causal_over_evidence(evidence_setup):
                                    atol=1e-6)
 
 
+def test_first_evidence_reader():
+    """The readout's first used position: the earliest text token over the batch with evidence at or before it
+    (positions count the cached ones), the last position when there is none, 0 for one-token steps."""
+    reader = modeling_asymoe._first_evidence_reader
+    image = torch.tensor([[0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    assert reader(image, image, 0) == 3
+    assert reader(torch.zeros_like(image), image, 0) == 5  # no evidence: capped at the last position
+    text_evidence = torch.tensor([[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert reader(text_evidence, torch.zeros_like(image), 0) == 4  # evidence that is text reads itself
+    # Two new positions after four cached ones, evidence among the cached: both read it.
+    history = torch.tensor([[0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert reader(history, torch.zeros(2, 2, dtype=torch.bool), 4) == 0
+    assert reader(history, torch.zeros(2, 1, dtype=torch.bool), 5) == 0
+
+
 def test_readout_without_evidence_has_finite_gradients(evidence_setup):
     """A sequence without evidence (text only) reads r = 0 at every token; the backward through the readout stays
     finite (its attention has no key to attend for these rows) and gives the query projection no gradient."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from asymoe.compat import enable_activation_checkpointing
+from asymoe.modeling import modeling_asymoe
 from asymoe.tiny import tiny_config
 
 from conftest import ANSWER_A, ANSWER_B, PROMPT_A, PROMPT_B, make_image, wake
@@ -146,6 +147,40 @@ def test_hyperbolic_and_evidence_experts_are_function_preserving_at_init(make_mo
         with_evidence = model(**inputs).logits
         without = model(**inputs, evidence_mask=nothing).logits
     assert (with_evidence - without).abs().max() > 1e-3
+
+
+def test_evidence_readout_skips_only_tokens_that_read_nothing(make_model, make_inputs, monkeypatch):
+    """Eager, the readout starts at the first text token after an image over the batch (tokens before it read r = 0,
+    image tokens never reach evidence experts): the loss and every gradient equal those of the readout run on every
+    position."""
+    model = wake(make_model("asymoe")).train()
+    inputs, labels = train_batch(make_inputs)
+    is_image = inputs["input_ids"] == model.config.image_token_id
+    positions = torch.arange(is_image.shape[1])
+    after_images = int(torch.where(is_image, positions, -1).amax(dim=1).min()) + 1
+    starts = []
+
+    def first_evidence_reader(*args):
+        starts.append(reader(*args))
+        return starts[-1]
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs, labels=labels, output_router_logits=True).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reader = modeling_asymoe._first_evidence_reader
+    monkeypatch.setattr(modeling_asymoe, "_first_evidence_reader", first_evidence_reader)
+    loss, grads = loss_and_grads()
+    assert starts == [after_images] and after_images > 16
+    reader = lambda *args: 0  # noqa: E731
+    loss_everywhere, grads_everywhere = loss_and_grads()
+    assert starts[-1] == 0
+    torch.testing.assert_close(loss, loss_everywhere, atol=1e-6, rtol=0)
+    assert grads.keys() == grads_everywhere.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_everywhere[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("manifold", ["poincare", "lorentz"])
