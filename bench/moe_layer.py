@@ -8,8 +8,9 @@ Time is the median of `--repeat` rounds after `--warmup`, each round running eve
 that load drifting during the run hits all cases alike (CUDA: synchronised; CPU: wall clock); peak memory is the most
 allocated above what was allocated before one more run (CUDA: the allocator's peak; CPU: the torch profiler's
 allocation events), i.e. activations and transients. `--compile` runs every module through `torch.compile`
-(inductor, fullgraph). Prints ratios to the dense FFN and to transformers' Mixtral block (the peer at the same
-expert count), and writes JSON.
+(inductor, fullgraph); `--compile-maps` compiles only AsyMoE's Möbius maps and leaves everything else eager (what
+fusing the maps' passes into generated kernels would buy the eager layer). Prints ratios to the dense FFN and to
+transformers' Mixtral block (the peer at the same expert count), and writes JSON.
 
     .venv/bin/python bench/moe_layer.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 --intermediate 1408
     .venv/bin/python bench/moe_layer.py --device cpu --dtype fp32 --tokens 1024 --hidden 256 --intermediate 128
@@ -18,7 +19,9 @@ expert count), and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 from asymoe.benchmarking import interleaved_median_seconds, peak_memory_mib, write_bench_record
 from asymoe.cli import DTYPES
 from asymoe.configuration import AsyMoETextConfig
+from asymoe.modeling import modeling_asymoe
 from asymoe.modeling.modeling_asymoe import AsyMoEMLP, AsyMoESparseBlock
 
 
@@ -171,13 +175,20 @@ def main(argv=None) -> int:
     parser.add_argument("--layout", default="2,2,4", help="vision,text,inter experts (evidence off: layer bench)")
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--experts-implementation", default="grouped_mm", choices=["grouped_mm", "batched_mm", "eager"])
-    parser.add_argument("--compile", action="store_true", help="torch.compile every module (inductor, fullgraph)")
+    compile_choice = parser.add_mutually_exclusive_group()
+    compile_choice.add_argument("--compile", action="store_true", help="torch.compile every module (inductor, fullgraph)")
+    compile_choice.add_argument("--compile-maps", action="store_true",
+                                help="torch.compile only the Möbius maps (inductor), the rest eager")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--output", default="bench/results/moe_layer.json")
     args = parser.parse_args(argv)
     args.layout = tuple(int(n) for n in args.layout.split(","))
-    results = run(args)
+    # --compile-maps: the experts call the maps through this module attribute, swapped for the run only.
+    maps = (mock.patch.object(modeling_asymoe, "mobius_bias_", torch.compile(modeling_asymoe.mobius_bias_, dynamic=True))
+            if args.compile_maps else contextlib.nullcontext())
+    with maps:
+        results = run(args)
     dense = results["balanced/dense_ffn"]
     print(f"{'case':40s} {'fwd ms':>9s} {'×dense':>7s} {'fwd+bwd ms':>11s} {'×dense':>7s} {'×Mixtral':>9s} "
           f"{'peak MiB':>9s} {'×dense':>7s}")

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from asymoe.modeling import hyperbolic_asymoe, modeling_asymoe
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -67,6 +69,7 @@ def test_cpu_peak_memory_counts_what_is_alive_at_once():
 @pytest.mark.slow
 @pytest.mark.parametrize("name, extra", [
     ("moe_layer", ["--tokens", "64", "--hidden", "32", "--intermediate", "16"]),
+    ("moe_layer", ["--tokens", "64", "--hidden", "32", "--intermediate", "16", "--compile-maps"]),
     ("decode", ["--hidden", "64", "--layers", "2", "--new-tokens", "8", "--cache", "static"]),
 ])
 def test_bench_runs_and_writes_json(name, extra, tmp_path, monkeypatch):
@@ -83,6 +86,7 @@ def test_bench_runs_and_writes_json(name, extra, tmp_path, monkeypatch):
 
         monkeypatch.setattr(module, "interleaved_median_seconds", token_count_clock)
     assert module.main(args) == 0
+    assert modeling_asymoe.mobius_bias_ is hyperbolic_asymoe.mobius_bias_  # --compile-maps swaps it for the run only
     record = json.loads(output.read_text())
     assert record["versions"]["torch"] and record["results"]
     if name == "decode":
