@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .io import atomic_save_figure
-from .modeling.modeling_asymoe import reach_masks
+from .modeling.modeling_asymoe import reach_masks, select_experts
 
 MODALITIES = ("image", "text")
 
@@ -57,7 +57,8 @@ class RoutingStatistics:
             if count == 0:
                 continue
             self.slots[index][modality] += torch.bincount(top_index[rows].reshape(-1), minlength=reach.numel())
-            probs = F.softmax(logits[rows].masked_fill(~reach, float("-inf")), dim=-1)
+            masked, _, _ = select_experts(logits[rows], reach.expand(count, -1), torch.zeros(()), 1)
+            probs = F.softmax(masked, dim=-1)  # the routing probabilities, as in the router's losses
             entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
             reachable = int(reach.sum())
             self.entropy[index, modality] += float(entropy.sum()) / (math.log(reachable) if reachable > 1 else 1.0)

@@ -57,6 +57,24 @@ def test_summary_respects_reachability(routed):
                                         "routing/L3/text/imbalance"}
 
 
+def test_entropy_is_over_the_reachable_experts_only():
+    """Equal logits on a modality's reachable experts give normalised entropy 1 and one dominant logit 0, whatever
+    the logits of the experts the modality cannot reach (here far larger)."""
+    config = tiny_config(build_tokenizer([]))
+    stats = RoutingStatistics(config)
+    layout = config.text_config.expert_layout(stats.layers[0])
+    logits = torch.full((4, layout.num_experts), 50.0)
+    image_mask = torch.tensor([True, True, False, False])
+    for row, modality in enumerate(("image", "image", "text", "text")):
+        logits[row, list(layout.reachable(modality))] = 0.0
+    logits[1, layout.reachable("image")[0]] = 60.0  # token 1: one expert all but certain
+    logits[3, layout.reachable("text")[0]] = 60.0
+    stats.record(0, logits, torch.zeros(4, 1, dtype=torch.long), image_mask)
+    entry = stats.summary()[0]
+    assert entry["image"]["entropy"] == pytest.approx(0.5, abs=1e-6)  # mean of 1 and ~0
+    assert entry["text"]["entropy"] == pytest.approx(0.5, abs=1e-6)
+
+
 def test_checkpointing_recompute_is_counted_once(make_model, make_inputs):
     """A training step with activation checkpointing re-runs every layer's forward inside the backward; the routing
     statistics count each token once, as without checkpointing."""
